@@ -1,0 +1,91 @@
+#include "cpu_features.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#if defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace dsv3 {
+namespace {
+
+#if defined(__x86_64__)
+bool os_grants_amx() {
+  // Linux keeps AMX tile state off until a process asks for it; the first tile instruction
+  // would otherwise kill the process. ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18.
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+#endif
+
+CpuIsa detect() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();  // libgcc's checks include the OS's XSAVE state for AVX and AVX-512
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return CpuIsa::kPortable;
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+  if (!((ecx >> 29) & 1u)) return CpuIsa::kPortable;  // F16C
+  bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (!avx512) return CpuIsa::kAvx2;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  bool amx = ((edx >> 22) & 1u) && ((edx >> 24) & 1u);  // AMX-BF16, AMX-TILE
+  if (amx && os_grants_amx()) return CpuIsa::kAmx;
+  return CpuIsa::kAvx512;
+#else
+  return CpuIsa::kPortable;
+#endif
+}
+
+bool parse(const std::string& name, CpuIsa* out) {
+  if (name == "portable") *out = CpuIsa::kPortable;
+  else if (name == "avx2") *out = CpuIsa::kAvx2;
+  else if (name == "avx512") *out = CpuIsa::kAvx512;
+  else if (name == "amx" || name == "auto") *out = CpuIsa::kAmx;
+  else return false;
+  return true;
+}
+
+int initial_cap() {
+  CpuIsa cap = CpuIsa::kAmx;
+  const char* env = std::getenv("DSV3_CPU_ISA");
+  if (env != nullptr && !parse(env, &cap)) cap = CpuIsa::kAmx;
+  return static_cast<int>(cap);
+}
+
+std::atomic<int> g_cap{initial_cap()};
+
+}  // namespace
+
+CpuIsa detected_cpu_isa() {
+  static const CpuIsa isa = detect();
+  return isa;
+}
+
+CpuIsa active_cpu_isa() {
+  int cap = g_cap.load(std::memory_order_relaxed);
+  int best = static_cast<int>(detected_cpu_isa());
+  return static_cast<CpuIsa>(cap < best ? cap : best);
+}
+
+std::string set_cpu_isa(const std::string& name) {
+  CpuIsa cap;
+  if (!parse(name, &cap))
+    throw std::invalid_argument("set_cpu_isa: isa must be 'portable', 'avx2', 'avx512', 'amx' or 'auto', got '" +
+                                name + "'");
+  g_cap = static_cast<int>(cap);
+  return cpu_isa_name(active_cpu_isa());
+}
+
+std::string cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+    case CpuIsa::kAmx: return "amx";
+    default: return "portable";
+  }
+}
+
+}  // namespace dsv3

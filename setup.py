@@ -1,0 +1,69 @@
+"""Builds the native extension ``ops._C``: C++ CPU kernels always, CUDA kernels when possible.
+
+Environment:
+    DSV3_CUDA=0|1   force the CUDA sources off or on (default: on when torch has CUDA and nvcc
+                    is found).
+    MAX_JOBS        parallel compile jobs (ninja), as for any torch extension.
+
+CPU code is never built with -march=native: AVX-512/AMX code sits in target-attributed
+functions chosen at run time (csrc/common/cpu_features.cpp).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = Path(__file__).parent
+# Hopper fast paths (wgmma, TMA) need sm_90a; sm_80 machine code plus compute_80 PTX covers
+# Ampere, Ada and anything newer through the driver's JIT.
+CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_90a,code=sm_90a",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_80,code=compute_80",
+]
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("DSV3_CUDA", "").strip()
+    if forced not in ("", "0", "1"):
+        raise SystemExit(f"DSV3_CUDA must be 0 or 1, got {forced!r}")
+    available = torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc"))
+    )
+    if forced == "1" and not available:
+        raise SystemExit("DSV3_CUDA=1 but torch has no CUDA or nvcc was not found")
+    return available if forced == "" else forced == "1"
+
+
+def cuda_include_dirs() -> list[str]:
+    """CUDA headers that pip's CUDA wheels ship (torch's CUDA build needs them next to nvcc's)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cxx = ["-O3", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    if not want_cuda():
+        return CppExtension("ops._C", sources, extra_compile_args={"cxx": cxx})
+    sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *CUDA_ARCH_FLAGS]
+    return CUDAExtension(
+        "ops._C",
+        sources,
+        include_dirs=cuda_include_dirs(),
+        define_macros=[("DSV3_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": [*cxx, "-DDSV3_WITH_CUDA"], "nvcc": [*nvcc, "-DDSV3_WITH_CUDA"]},
+    )
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
