@@ -18,9 +18,24 @@ import sysconfig
 from pathlib import Path
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-import torch
+
+def _cuda_home() -> str | None:
+    """The toolkit folder: CUDA_HOME, else /usr/local/cuda, else where nvcc really lives (a
+    wrapper script on PATH would otherwise make torch look for the libraries in its parent)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+if _cuda_home():
+    os.environ["CUDA_HOME"] = _cuda_home()  # read by torch.utils.cpp_extension at import
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = Path(__file__).parent
 # Hopper fast paths (wgmma, TMA) need sm_90a; sm_80 machine code plus compute_80 PTX covers
@@ -36,9 +51,8 @@ def want_cuda() -> bool:
     forced = os.environ.get("DSV3_CUDA", "").strip()
     if forced not in ("", "0", "1"):
         raise SystemExit(f"DSV3_CUDA must be 0 or 1, got {forced!r}")
-    available = torch.version.cuda is not None and (
-        shutil.which("nvcc") is not None or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/nvcc"))
-    )
+    home = _cuda_home()
+    available = torch.version.cuda is not None and home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
     if forced == "1" and not available:
         raise SystemExit("DSV3_CUDA=1 but torch has no CUDA or nvcc was not found")
     return available if forced == "" else forced == "1"

@@ -35,3 +35,22 @@ def test_per_block_cast(benchmark, impl: str) -> None:
     benchmark.extra_info.update(role="ours" if impl == "ours" else "peer", work=w.numel() * 3, unit="B")
     fn = ops.per_block_cast_to_fp8 if impl == "ours" else (lambda t: quantize_tiles_reference(t, 128, 128))
     benchmark(fn, w)
+
+
+def _synced(fn, *args):
+    def run():
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["ours", "eager"])
+def test_per_token_cast_cuda(benchmark, impl: str) -> None:
+    x = torch.randn(8192, 7168, dtype=torch.bfloat16, device="cuda")
+    benchmark.group = "per_token_cast 8192x7168 bf16 cuda"
+    benchmark.extra_info.update(role="ours" if impl == "ours" else "peer", work=x.numel() * 3, unit="B")
+    fn = ops.per_token_cast_to_fp8 if impl == "ours" else (lambda t: quantize_tiles_reference(t, 1, 128))
+    benchmark(_synced(fn, x))

@@ -15,6 +15,8 @@ Empty inputs give empty outputs of the documented shapes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ops._native import built_with_cuda, native
@@ -51,7 +53,7 @@ def per_token_cast_to_fp8(
     x = _check_cast_input("x", x, tuple(range(1, 9)))
     check_positive_int("group_size", group_size)
     lead, k = x.shape[:-1], x.shape[-1]
-    q, sf = native.cast_to_fp8_tiles(x.reshape(-1, k), 1, group_size, bool(use_ue8m0))
+    q, sf = native.cast_to_fp8_tiles(x.reshape(math.prod(lead), k), 1, group_size, bool(use_ue8m0))
     return q.view(*lead, k), sf.view(*lead, sf.shape[-1])
 
 
@@ -87,7 +89,7 @@ def transposed_per_token_cast_to_fp8(
     """
     x = _check_cast_input("x", x, tuple(range(1, 9)))
     check_positive_int("group_size", group_size)
-    return native.cast_to_fp8_transposed(x.reshape(-1, x.shape[-1]), group_size, bool(use_ue8m0))
+    return native.cast_to_fp8_transposed(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), group_size, bool(use_ue8m0))
 
 
 @torch.library.register_fake("dsv3::cast_to_fp8_tiles")

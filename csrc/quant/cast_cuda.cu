@@ -1,6 +1,7 @@
 // FP8 casts on CUDA: the same arithmetic as cast_cpu.cpp (fp8.h), so both devices give
 // bit-identical payloads and scales. Simple kernels, written to be certainly correct first:
 // one thread block per tile, a block-wide amax, then the tile's quantization.
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ __forceinline__ float nan_max_dev(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Block-wide NaN-propagating max; every thread gets the result.
 __device__ float block_amax(float v) {
@@ -34,8 +36,8 @@ __global__ void cast_tiles_kernel(const T* __restrict__ x, uint8_t* __restrict__
                                   bool use_ue8m0) {
   const int64_t t = blockIdx.x;
   const int64_t r0 = (t / tiles_k) * tile_rows, c0 = (t % tiles_k) * tile_cols;
-  const int rows = static_cast<int>(min<int64_t>(tile_rows, m - r0));
-  const int cols = static_cast<int>(min<int64_t>(tile_cols, k - c0));
+  const int rows = static_cast<int>(min64(tile_rows, m - r0));
+  const int cols = static_cast<int>(min64(tile_cols, k - c0));
   const int n = rows * cols;
   float amax = 0.0f;
   for (int i = threadIdx.x; i < n; i += kThreads) {
@@ -58,7 +60,7 @@ __global__ void cast_transposed_kernel(const T* __restrict__ x, uint8_t* __restr
   __shared__ float col_amax[kThreads / 32][32];
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   const int64_t g = blockIdx.y, r0 = g * group, c = blockIdx.x * 32 + tx;
-  const int64_t r_end = min<int64_t>(r0 + group, m);
+  const int64_t r_end = min64(r0 + group, m);
   float amax = 0.0f;
   if (c < k)
     for (int64_t r = r0 + ty; r < r_end; r += kThreads / 32) amax = nan_max_dev(amax, fabsf(static_cast<float>(x[r * k + c])));

@@ -1,4 +1,5 @@
-"""Shared pytest set-up: a fresh seed per test, the cuda/slow markers, and the rank pool."""
+"""pytest set-up shared by tests/ and bench/: a fresh seed per test, the cuda marker's skip, and
+the CPU instruction sets to test."""
 
 from __future__ import annotations
 
