@@ -1,0 +1,262 @@
+"""Runs one rank's action list of a ``Schedule`` over P2P: the engine under every pipeline class.
+
+Per step: all header receives this rank will need are posted first (``P2P.expect``); each action
+then waits only for the transfer it consumes, sends its results without waiting (the send runs
+while the next action computes), and frees a sent output's storage (autograd keeps only the
+graph). A helper thread (``P2P.start_prefetch``) posts payload receives as headers land, so data
+flows in while the rank computes.
+
+Errors: a rank that fails sends an abort for every transfer it still owes, drains what it was
+going to receive, and re-raises; its peers get the abort instead of data, do the same, and every
+rank raises. ``Pipeline.step`` then agrees on the outcome with one small collective, so even a
+rank that finished its own actions raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dualpipe.comm import ACT, GRAD, P2P
+from dualpipe.schedules import Action, Schedule
+from dualpipe.simulator import TimelineEvent
+from dualpipe.weight_grad import WeightGradStore
+
+Tensors = list[torch.Tensor | None]
+
+
+def run_backward(tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """Backward from ``tensors`` with ``grads`` (pairs with a None grad or no graph are skipped).
+
+    Works on outputs whose storage the executor already freed after sending them (it calls the
+    autograd engine directly, which checks no shapes); use it in ``overlapped_forward_backward``.
+    """
+    if len(tensors) != len(grads):
+        raise ValueError(f"run_backward: {len(tensors)} tensors but {len(grads)} gradients")
+    pairs = [(t, g) for t, g in zip(tensors, grads, strict=True) if g is not None and t is not None and t.requires_grad]
+    if not pairs:
+        return
+    torch.autograd.Variable._execution_engine.run_backward(
+        tuple(t for t, _ in pairs), tuple(g for _, g in pairs), False, False, (), True, True
+    )
+
+
+def as_tensor_list(out: object, what: str) -> list[torch.Tensor]:
+    """A stage's output as a list of tensors, or a clear TypeError."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return list(out)
+    kind = type(out).__name__ if not isinstance(out, (tuple, list)) else f"{type(out).__name__} of {[type(t).__name__ for t in out]}"
+    raise TypeError(f"{what} returned {kind}; a pipeline stage must return a Tensor or a non-empty tuple of Tensors")
+
+
+@dataclass
+class StepData:
+    """What one rank brings to a step and takes from it (chunk ids are the schedule's)."""
+
+    inputs: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # stage-0 chunks here
+    labels: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # last-stage chunks here
+    criterion: Callable[..., torch.Tensor] | None = None
+    training: bool = True
+    return_outputs: bool = False
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs ``schedule``'s actions for pipeline rank ``rank`` with stage ``modules`` (by slot)."""
+
+    def __init__(self, schedule: Schedule, rank: int, modules: Sequence[nn.Module], p2p: P2P, data: StepData,
+                 overlap: bool = True, record: bool = False):
+        self.s, self.rank, self.modules, self.p2p, self.d = schedule, rank, list(modules), p2p, data
+        self.last = schedule.num_stages - 1
+        self.inputs: dict[tuple[int, int], Tensors] = {}
+        self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.local_grads: dict[tuple[int, int], Tensors] = {}
+        self.loss_tensors: dict[int, torch.Tensor] = {}
+        self.pending_sends: set[tuple[int, int, int]] = set()
+        self.events: list[TimelineEvent] = []
+        self.record = record
+        m0 = self.modules[0]
+        self.hook = None
+        if overlap and len(self.modules) == 2 and type(m0) is type(self.modules[1]):
+            self.hook = getattr(type(m0), "overlapped_forward_backward", None)
+        self.hook_calls: list[tuple[int, int, int, int]] = []
+        self.actions = [a for a in schedule.actions[rank] if data.training or a.kind in ("F", "FB")]
+        if not data.training:  # forward only: the F half of each pair, in the same order
+            self.actions = [Action("F", a.stage, a.chunk) for a in self.actions]
+
+    # ------------------------------------------------------------------ placement helpers
+    def _rank_of(self, stage: int, chunk: int) -> int:
+        return self.s.place(stage, chunk).rank
+
+    def _module(self, stage: int, chunk: int) -> nn.Module:
+        return self.modules[self.s.place(stage, chunk).slot]
+
+    def _post_receives(self) -> list[tuple[int, int, int]]:
+        """Posts every header receive this rank's actions need, in the order they need them."""
+        order: list[tuple[int, int, int]] = []
+        for a in self.actions:
+            halves = [("F", a.stage, a.chunk)] if a.kind in ("F", "FB") else [(a.kind, a.stage, a.chunk)]
+            if a.kind == "FB" and self.d.training:
+                halves.append(("B", *a.bwd))
+            for kind, st, c in halves:
+                if kind == "F":
+                    if st > 0 and self._rank_of(st - 1, c) != self.rank:
+                        self.p2p.expect((ACT, st, c), self._rank_of(st - 1, c))
+                        order.append((ACT, st, c))
+                    if st < self.last and self._rank_of(st + 1, c) != self.rank:
+                        self.pending_sends.add((ACT, st + 1, c))
+                elif kind == "B":
+                    if st < self.last and self._rank_of(st + 1, c) != self.rank:
+                        self.p2p.expect((GRAD, st, c), self._rank_of(st + 1, c))
+                        order.append((GRAD, st, c))
+                    if st > 0 and self._rank_of(st - 1, c) != self.rank:
+                        self.pending_sends.add((GRAD, st - 1, c))
+        return order
+
+    # ------------------------------------------------------------------ forward
+    def _forward_inputs(self, st: int, c: int) -> Tensors:
+        if st == 0:
+            return list(self.d.inputs[c])
+        if (st, c) in self.inputs:  # handed over locally by the previous stage on this rank
+            return self.inputs[(st, c)] if self.d.training else self.inputs.pop((st, c))
+        ins = self.p2p.recv((ACT, st, c))
+        if self.d.training:
+            self.inputs[(st, c)] = ins
+        return ins
+
+    def _forward_finish(self, st: int, c: int, outs: list[torch.Tensor], loss: torch.Tensor | None) -> None:
+        if st == self.last:
+            if self.d.return_outputs:
+                self.d.outputs[c] = [o.detach() for o in outs]
+            if loss is not None:
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError(f"criterion must return a one-element loss tensor, got "
+                                    f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                self.d.losses[c] = loss.detach().reshape(())
+                if self.d.training:
+                    self.loss_tensors[c] = loss
+            return
+        nxt = self._rank_of(st + 1, c)
+        if nxt == self.rank:
+            self.inputs[(st + 1, c)] = [o.detach().requires_grad_(o.requires_grad and self.d.training) for o in outs]
+        else:
+            self.p2p.send((ACT, st + 1, c), nxt, outs)
+            self.pending_sends.discard((ACT, st + 1, c))
+            if self.d.training:
+                for o in outs:  # the receiver has its own copy: keep only the autograd graph
+                    if o.grad_fn is not None and o._base is None:
+                        o.data = torch.empty(0, dtype=o.dtype, device=o.device)
+        if self.d.training:
+            self.outputs[(st, c)] = outs
+
+    def _loss(self, st: int, c: int, outs: list[torch.Tensor]) -> torch.Tensor | None:
+        if st != self.last or self.d.criterion is None:
+            return None
+        return self.d.criterion(*outs, *self.d.labels.get(c, ()))
+
+    def _forward(self, st: int, c: int) -> None:
+        ins = self._forward_inputs(st, c)
+        outs = as_tensor_list(self._module(st, c)(*ins), f"stage {st} (pipeline rank {self.rank})")
+        self._forward_finish(st, c, outs, self._loss(st, c, outs))
+
+    # ------------------------------------------------------------------ backward
+    def _backward_targets(self, st: int, c: int) -> tuple[torch.Tensor | None, list[torch.Tensor], Tensors]:
+        """(loss, outputs, output grads) for B(st, c): the loss on the last stage, else outputs."""
+        if st == self.last:
+            if c not in self.loss_tensors:
+                raise RuntimeError(f"backward of chunk {c} on the last stage needs a loss: pass criterion on "
+                                   f"pipeline rank {self.rank}")
+            return self.loss_tensors.pop(c), [], []
+        outs = self.outputs.pop((st, c))
+        grads = self.local_grads.pop((st, c)) if (st, c) in self.local_grads else self.p2p.recv((GRAD, st, c))
+        return None, outs, grads
+
+    def _backward_finish(self, st: int, c: int) -> None:
+        ins = self.inputs.pop((st, c), None)
+        self.outputs.pop((st, c), None)
+        if st == 0 or ins is None:
+            return
+        grads = [t.grad if (t is not None and t.requires_grad) else None for t in ins]
+        prev = self._rank_of(st - 1, c)
+        if prev == self.rank:
+            self.local_grads[(st - 1, c)] = grads
+        else:
+            self.p2p.send((GRAD, st - 1, c), prev, grads)
+            self.pending_sends.discard((GRAD, st - 1, c))
+
+    def _backward(self, st: int, c: int, split: bool) -> None:
+        loss, outs, grads = self._backward_targets(st, c)
+        WeightGradStore.enabled = split
+        try:
+            if loss is not None:
+                loss.backward()
+            else:
+                run_backward(outs, grads)
+        finally:
+            WeightGradStore.enabled = False
+        if split:
+            WeightGradStore.flush()
+        self._backward_finish(st, c)
+
+    # ------------------------------------------------------------------ F&B pair
+    def _forward_backward(self, a: Action) -> None:
+        fs, fc = a.stage, a.chunk
+        bs, bc = a.bwd
+        if self.hook is None:
+            self._forward(fs, fc)
+            self._backward(bs, bc, split=False)
+            return
+        ins = self._forward_inputs(fs, fc)
+        loss1, outs1, grads1 = self._backward_targets(bs, bc)
+        m0, m1 = self._module(fs, fc), self._module(bs, bc)
+        criterion0 = self.d.criterion if fs == self.last else None
+        labels0 = list(self.d.labels.get(fc, ())) if fs == self.last else []
+        self.hook_calls.append((fs, fc, bs, bc))
+        result = self.hook(m0, ins, criterion0, labels0, m1, loss1, outs1 or None, grads1 or None)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(f"{type(m0).__name__}.overlapped_forward_backward must return (outputs0, loss0), "
+                            f"got {type(result).__name__}")
+        outs0 = as_tensor_list(result[0], f"{type(m0).__name__}.overlapped_forward_backward (stage {fs})")
+        if criterion0 is not None and result[1] is None:
+            raise TypeError(f"{type(m0).__name__}.overlapped_forward_backward returned no loss for the last stage")
+        self._forward_finish(fs, fc, outs0, result[1] if criterion0 is not None else None)
+        self._backward_finish(bs, bc)
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> None:
+        self.p2p.start_prefetch(self._post_receives())
+        try:
+            for a in self.actions:
+                self.p2p.poll()
+                t0 = time.perf_counter() if self.record else 0.0
+                waited = self.p2p.wait_s
+                if a.kind == "F":
+                    self._forward(a.stage, a.chunk)
+                elif a.kind == "B":
+                    self._backward(a.stage, a.chunk, a.split)
+                elif a.kind == "W":
+                    WeightGradStore.pop()
+                else:
+                    self._forward_backward(a)
+                if self.record:
+                    # Start once the inputs were there: waiting for P2P is shown as idle time.
+                    start = t0 + (self.p2p.wait_s - waited)
+                    self.events.append(TimelineEvent(self.rank, str(a), a.kind, start, time.perf_counter()))
+            self.p2p.finish()
+        except BaseException as e:
+            message = f"{type(e).__name__}: {e}"
+            for kind, st, c in sorted(self.pending_sends):
+                dst = self._rank_of(st, c)
+                self.p2p.send_abort((kind, st, c), dst, message)
+            self.pending_sends.clear()
+            self.p2p.drain()
+            raise
+        finally:
+            WeightGradStore.enabled = False
