@@ -1,0 +1,274 @@
+"""Expert-parallel dispatch + combine on 4 gloo ranks (issue 4), next to its peers.
+
+Shape: 4096 tokens x 2048 hidden (bf16) per rank, top-8 of 64 experts, random routing.
+Bandwidth is counted as DeepEP does: bytes RECEIVED per rank / time (payload rows only).
+
+How it is timed (honest, and the same for every entry): each benchmark round runs ONE iteration
+on all 4 ranks of a reused gloo pool (tests.harness.distributed); inside, the ranks meet at a
+barrier, run the operation, and the SLOWEST rank's wall time is what the round reports. The
+main process feeds those per-round times to pytest-benchmark through ``benchmark.pedantic`` on a
+function that replays them (so the pool's task round-trip is NOT counted). Inputs are built once
+per rank and cached between rounds.
+
+Peers (same run, same machine):
+- ceiling: ``all_to_all_single`` of exactly the payload bytes our dispatch and combine move
+  (same split sizes), no packing, no counts;
+- naive: the common plain-PyTorch design that sends one copy per (token, expert) pair
+  (argsort + index + count exchange + all_to_all_single, back, weighted index_add_);
+- deepspeed: DeepSpeed MoE's ``_AllToAll`` on its capacity-padded [E, C, H] layout (einsum
+  dispatch/combine as in ``MOELayer``; capacity factor 1.0), when deepspeed imports.
+Targets: >= 0.8x the ceiling, >= 2x the naive implementation.
+
+Overlap: async dispatch, a matmul of about the comm's duration, then wait; reported as
+total / max(comm, compute) next to the same for torch's own async all_to_all_single.
+FP8: the dispatch of (x_fp8, scales) vs the BF16 dispatch (bytes (H + 4H/128) / 2H).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.harness.distributed import run_distributed
+
+WORLD, TOKENS, HIDDEN, TOPK, EXPERTS = 4, 4096, 2048, 8, 64
+ROUNDS, WARMUP = 5, 1
+_cache: dict = {}
+
+
+def _inputs(rank: int):
+    if "x" not in _cache:
+        g = torch.Generator().manual_seed(1234 + rank)
+        _cache["x"] = torch.randn(TOKENS, HIDDEN, generator=g).bfloat16()
+        _cache["idx"] = torch.rand(TOKENS, EXPERTS, generator=g).topk(TOPK, dim=1).indices.contiguous()
+        _cache["w"] = torch.rand(TOKENS, TOPK, generator=g)
+    return _cache["x"], _cache["idx"], _cache["w"]
+
+
+def _buffer():
+    from comm import all_to_all
+
+    if "buf" not in _cache:
+        _cache["buf"] = all_to_all.Buffer()
+    return _cache["buf"]
+
+
+def _ours(fp8: bool = False):
+    import ops
+
+    x, idx, w = _inputs(dist.get_rank())
+    buf = _buffer()
+    payload = ops.per_token_cast_to_fp8(x) if fp8 else x
+    recv_x, _, _, _, handle, _ = buf.dispatch(payload, topk_idx=idx, topk_weights=w, num_experts=EXPERTS)
+    if fp8:
+        return recv_x[0].shape[0]
+    buf.combine(recv_x, handle)
+    return recv_x.shape[0]
+
+
+def _ceiling_plan():
+    """Split sizes of our dispatch (rows per destination), learned once with a real dispatch."""
+    if "plan" not in _cache:
+        x, idx, w = _inputs(dist.get_rank())
+        _, _, _, _, handle, _ = _buffer().dispatch(x, topk_idx=idx, topk_weights=w, num_experts=EXPERTS)
+        _cache["plan"] = (list(handle.send_splits), list(handle.recv_splits))
+    return _cache["plan"]
+
+
+def _ceiling():
+    send, recv = _ceiling_plan()
+    if "ceil_in" not in _cache:
+        _cache["ceil_in"] = torch.randn(sum(send), HIDDEN).bfloat16()
+        _cache["ceil_out"] = torch.empty(sum(recv), HIDDEN, dtype=torch.bfloat16)
+        _cache["ceil_back"] = torch.empty(sum(send), HIDDEN, dtype=torch.bfloat16)
+    dist.all_to_all_single(_cache["ceil_out"], _cache["ceil_in"], recv, send)
+    dist.all_to_all_single(_cache["ceil_back"], _cache["ceil_out"], send, recv)
+    return sum(recv)
+
+
+def _naive():
+    """One copy per (token, expert) pair: argsort by expert, exchange counts and rows, send back,
+    weighted index_add_ per token."""
+    x, idx, w = _inputs(dist.get_rank())
+    world = dist.get_world_size()
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    rows = x[order // TOPK]
+    send = torch.bincount(flat // (EXPERTS // world), minlength=world)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    send_l, recv_l = send.tolist(), recv.tolist()
+    got = torch.empty(sum(recv_l), HIDDEN, dtype=x.dtype)
+    dist.all_to_all_single(got, rows, recv_l, send_l)
+    back = torch.empty_like(rows)
+    dist.all_to_all_single(back, got, send_l, recv_l)
+    out = torch.zeros(TOKENS, HIDDEN, dtype=torch.float32)
+    out.index_add_(0, order // TOPK, back.float() * w.flatten()[order].unsqueeze(1))
+    return sum(recv_l)
+
+
+def _deepspeed():
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # REFERENCE.md: DeepSpeed's MoE runs on CPU/gloo so
+    from deepspeed.moe.sharded_moe import _AllToAll
+
+    x, idx, _ = _inputs(dist.get_rank())
+    capacity = TOKENS * TOPK // EXPERTS  # capacity factor 1.0
+    if "ds_mask" not in _cache:
+        # DeepSpeed's dispatch mask [S, E, C]: slot of each token in its experts' capacity.
+        mask = torch.zeros(TOKENS, EXPERTS, dtype=torch.bool)
+        mask[torch.arange(TOKENS).unsqueeze(1), idx] = True
+        loc = (mask.cumsum(0) - 1).masked_fill(~mask, -1)
+        keep = mask & (loc < capacity)
+        disp = torch.zeros(TOKENS, EXPERTS, capacity, dtype=torch.bfloat16)
+        t_i, e_i = keep.nonzero(as_tuple=True)
+        disp[t_i, e_i, loc[t_i, e_i]] = 1
+        _cache["ds_mask"] = disp
+    disp = _cache["ds_mask"]
+    dispatched = torch.einsum("sec,sm->ecm", disp, x)  # [E, C, H], as MOELayer
+    out = _AllToAll.apply(dist.group.WORLD, dispatched)
+    back = _AllToAll.apply(dist.group.WORLD, out)
+    torch.einsum("sec,ecm->sm", disp, back)
+    return EXPERTS * capacity // dist.get_world_size() * dist.get_world_size()
+
+
+IMPLS = {"ours": _ours, "ceiling": _ceiling, "naive": _naive, "deepspeed": _deepspeed,
+         "ours_fp8_dispatch": lambda: _ours(fp8=True)}
+
+
+def _bf16_dispatch_only():
+    x, idx, w = _inputs(dist.get_rank())
+    recv_x, *_ = _buffer().dispatch(x, topk_idx=idx, topk_weights=w, num_experts=EXPERTS)
+    return recv_x.shape[0]
+
+
+IMPLS["ours_bf16_dispatch"] = _bf16_dispatch_only
+
+
+def timed_rounds(rank: int, world: int, impl: str, rounds: int) -> tuple[list[float], int]:
+    """Per-round wall time of the slowest rank (barrier before each round), and rows received."""
+    fn = IMPLS[impl]
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    rows = 0
+    for _ in range(rounds):
+        dist.barrier()
+        t0 = time.perf_counter()
+        rows = fn()
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(float(t))
+    return times, rows
+
+
+def overlap_rounds(rank: int, world: int, which: str, rounds: int) -> dict:
+    """comm alone, compute alone, and both overlapped (async comm + matmul + wait), medians."""
+    x, idx, w = _inputs(rank)
+    buf = _buffer()
+    send, recv = _ceiling_plan()
+    src = torch.randn(sum(send), HIDDEN).bfloat16()
+    dst = torch.empty(sum(recv), HIDDEN, dtype=torch.bfloat16)
+
+    def comm(async_op: bool):
+        if which == "ours":
+            *_, event = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=EXPERTS, async_finish=async_op)
+            return event
+        return dist.all_to_all_single(dst, src, recv, send, async_op=async_op)
+
+    def median(fn) -> float:
+        ts = []
+        for _ in range(rounds):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            ts.append(float(t))
+        return sorted(ts)[len(ts) // 2]
+
+    comm(False)
+    t_comm = median(lambda: comm(False))
+    # a matmul sized to about the comm's duration
+    a = torch.randn(1024, 1024)
+    t0 = time.perf_counter()
+    a @ a
+    unit = max(time.perf_counter() - t0, 1e-4)
+    reps = max(1, int(t_comm / unit))
+    t_compute = median(lambda: [a @ a for _ in range(reps)])
+
+    def both():
+        handle = comm(True)
+        for _ in range(reps):
+            a @ a
+        if which == "ours":
+            handle.current_stream_wait()
+        else:
+            handle.wait()
+
+    t_both = median(both)
+    return {"comm": t_comm, "compute": t_compute, "both": t_both, "factor": t_both / max(t_comm, t_compute)}
+
+
+def _replay(benchmark, times: list[float]) -> None:
+    """Records the ranks' per-round times as this benchmark's rounds: pytest-benchmark reads its
+    timer twice per round (start, end); the timer below returns 0 then the round's time."""
+    readings = iter([x for t in times for x in (0.0, t)])
+
+    def replayed_rank_times() -> float:
+        return next(readings)
+
+    benchmark._timer = replayed_rank_times  # pytest-benchmark's timer, fed the ranks' times
+    benchmark.pedantic(lambda: None, rounds=len(times), iterations=1, warmup_rounds=0)
+
+
+ROLE = {"ours": "ours", "ceiling": "ceiling", "naive": "peer", "deepspeed": "peer"}
+
+
+@pytest.mark.parametrize("impl", [pytest.param("ours", marks=pytest.mark.quick),
+                                  pytest.param("ceiling", marks=pytest.mark.quick),
+                                  pytest.param("naive", marks=pytest.mark.quick), "deepspeed"])
+def test_dispatch_combine(benchmark, impl: str) -> None:
+    if impl == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as err:  # any import failure means the peer cannot run here
+            pytest.skip(f"deepspeed not importable: {err}")
+    try:
+        times, rows = run_distributed(timed_rounds, WORLD, impl, ROUNDS, timeout=420)[0]
+    except Exception as err:
+        if impl != "deepspeed":
+            raise
+        pytest.skip(f"deepspeed peer failed on the ranks: {str(err)[-300:]}")
+    benchmark.group = f"dispatch+combine {TOKENS}x{HIDDEN} bf16 top{TOPK}/{EXPERTS} {WORLD} gloo ranks"
+    # received bytes per rank, both directions (dispatch receives rows, combine receives them back)
+    benchmark.extra_info.update(role=ROLE[impl], work=2 * rows * HIDDEN * 2, unit="B")
+    _replay(benchmark, times)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param("fp8", marks=pytest.mark.quick), "bf16"])
+def test_fp8_dispatch(benchmark, dtype: str) -> None:
+    impl = "ours_fp8_dispatch" if dtype == "fp8" else "ours_bf16_dispatch"
+    times, rows = run_distributed(timed_rounds, WORLD, impl, ROUNDS, timeout=600)[0]
+    benchmark.group = f"dispatch fp8 vs bf16 {TOKENS}x{HIDDEN} {WORLD} gloo ranks"
+    per_row = HIDDEN + 4 * HIDDEN // 128 if dtype == "fp8" else 2 * HIDDEN
+    benchmark.extra_info.update(role="ours" if dtype == "fp8" else "peer", work=rows * per_row, unit="B")
+    _replay(benchmark, times)
+
+
+@pytest.mark.parametrize("which", [pytest.param("ours", marks=pytest.mark.quick),
+                                   pytest.param("torch", marks=pytest.mark.quick)])
+def test_overlap(benchmark, which: str) -> None:
+    res = run_distributed(overlap_rounds, WORLD, which, ROUNDS, timeout=600)[0]
+    # The recorded value is the overlap factor total / max(comm, compute) (unitless, lower is
+    # better), so the ratio table compares factors, not the two different comm sizes.
+    benchmark.group = f"overlap factor (value = total/max(comm,compute), not seconds), {WORLD} gloo ranks"
+    benchmark.extra_info.update(role="ours" if which == "ours" else "peer", overlap_factor=round(res["factor"], 3),
+                                comm_s=res["comm"], compute_s=res["compute"])
+    print(f"\noverlap {which}: comm {res['comm'] * 1e3:.1f} ms, compute {res['compute'] * 1e3:.1f} ms, "
+          f"both {res['both'] * 1e3:.1f} ms, factor {res['factor']:.3f}")
+    _replay(benchmark, [res["factor"]])

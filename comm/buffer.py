@@ -1,0 +1,325 @@
+"""``Buffer``: expert-parallel dispatch and combine with DeepEP's API, on any backend.
+
+Dispatch sends each token to every rank that holds at least one of its top-k experts (once per
+rank), as raw bytes: one packed row per (token, rank) holding the payload (bf16/fp32/fp16 rows,
+or FP8 rows plus their float32 scales) and the top-k metadata made local to the receiver. One
+variable-size all-to-all moves the rows; the receiver unpacks them. Combine sends each received
+row back and sums, per token, the rows from every rank that received it, in FP32.
+
+Cost model (CPU, gloo): communication runs ~25x slower than a local copy, so the pack/unpack
+copies are cheap next to the transfer; the extra small collectives (counts, error agreement)
+cost one round trip each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from comm import kernels
+from comm.events import EventOverlap, wait_previous
+from comm.layout import DispatchHandle, check_topk, new_owner_id
+from comm.primitives import agree_no_error, exchange_counts, launch_all_to_all
+from ops.checks import FLOAT_INPUT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
+
+__all__ = ["Buffer"]
+
+_INPUT_ERRORS = (TypeError, ValueError, RuntimeError)
+
+
+def _payload_parts(x: object) -> list[torch.Tensor]:
+    """x [T, H] float tensor, or (x_fp8 [T, H] e4m3, scales [T, ceil(H/128)] float32) -> rows to move."""
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise ValueError(f"an FP8 x must be a (x_fp8, scales) pair, got a tuple of {len(x)}")
+        q, sf = check_tensor("x[0] (x_fp8)", x[0]), check_tensor("x[1] (scales)", x[1])
+        check_dtype("x[0] (x_fp8)", q, (torch.float8_e4m3fn,))
+        check_dim("x[0] (x_fp8)", q, 2)
+        check_dtype("x[1] (scales)", sf, (torch.float32,))
+        expected = (q.shape[0], -(-q.shape[1] // 128))
+        if tuple(sf.shape) != expected:
+            raise ValueError(f"x[1] (scales) must have shape {expected} (1x128 tiles of x_fp8), got {tuple(sf.shape)}")
+        if q.shape[1] == 0:
+            raise ValueError("x must have at least one column")
+        return [q.contiguous(), sf.contiguous()]
+    x = check_tensor("x", x)
+    check_dtype("x", x, FLOAT_INPUT_DTYPES)
+    check_dim("x", x, 2)
+    if x.shape[1] == 0:
+        raise ValueError("x must have at least one column")
+    return [x.contiguous()]
+
+
+class Buffer:
+    """Binds a process group for dispatch/combine (DeepEP's ``deep_ep.Buffer`` API).
+
+    Args:
+        group: the expert-parallel process group (default: the world). Any backend.
+        num_nvl_bytes, num_rdma_bytes: accepted for DeepEP compatibility; buffers here are
+            sized per call.
+        ranks_per_node: enables the node-limited (hierarchical) mode: ranks r // ranks_per_node
+            form a node; a token crosses to each destination node once and is forwarded inside
+            it. None (default) is the flat mode.
+        agree_on_errors: before a synchronous dispatch with a handle and before a synchronous
+            combine, exchange one error flag so that bad input on one rank raises on every rank
+            (instead of leaving the others blocked in the collective). A dispatch without a
+            handle carries the flag in its count exchange for free; async calls skip it.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
+                 ranks_per_node: int | None = None, agree_on_errors: bool = True):
+        if not dist.is_initialized():
+            raise RuntimeError("Buffer needs an initialised torch.distributed process group")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.ranks_per_node = self.group_size if ranks_per_node is None else check_positive_int("ranks_per_node",
+                                                                                                 ranks_per_node)
+        if self.group_size % self.ranks_per_node:
+            raise ValueError(f"ranks_per_node ({self.ranks_per_node}) must divide the group size ({self.group_size})")
+        self.num_nodes = self.group_size // self.ranks_per_node
+        self.agree_on_errors = bool(agree_on_errors)
+        self._owner = new_owner_id()
+        backend = dist.get_backend(group)
+        self._count_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._node = None
+        if ranks_per_node is not None and self.num_nodes > 1:
+            from comm.node_limited import NodeLimited
+
+            self._node = NodeLimited(self)
+
+    # ----------------------------------------------------------------------------- layout
+    def _check_num_experts(self, num_experts: object) -> int:
+        num_experts = check_positive_int("num_experts", num_experts)
+        if num_experts % self.group_size:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by the number of ranks ({self.group_size})")
+        return num_experts
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: EventOverlap | None = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Counts and routing of this rank's tokens (local computation, no communication).
+
+        Args:
+            topk_idx: [T, k] int64 global expert indices, -1 for "no expert".
+            num_experts: E, divisible by the group size.
+
+        Returns:
+            (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [nodes] int32 in the
+            node-limited mode else None, num_tokens_per_expert [E] int32,
+            is_token_in_rank [T, R] bool, event).
+        """
+        wait_previous(previous_event)
+        num_experts = self._check_num_experts(num_experts)
+        check_topk(topk_idx, None, getattr(topk_idx, "shape", (0,))[0], num_experts)
+        per_rank, per_node, per_expert, in_rank = kernels.dispatch_layout(
+            topk_idx.contiguous(), num_experts, self.group_size, self.ranks_per_node)
+        return per_rank, (per_node if self._node is not None else None), per_expert, in_rank, EventOverlap()
+
+    # ----------------------------------------------------------------------------- dispatch
+    def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank: torch.Tensor | None = None,
+                 num_tokens_per_rdma_rank: torch.Tensor | None = None, is_token_in_rank: torch.Tensor | None = None,
+                 num_tokens_per_expert: torch.Tensor | None = None, topk_idx: torch.Tensor | None = None,
+                 topk_weights: torch.Tensor | None = None, expert_alignment: int = 1,
+                 previous_event: EventOverlap | None = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False, num_experts: int | None = None):
+        """Sends each token to the ranks holding its experts.
+
+        Args:
+            x: [T, H] float32/bfloat16/float16, or (x_fp8 [T, H] float8_e4m3fn, scales
+                [T, ceil(H/128)] float32, any strides).
+            handle: from an earlier dispatch: repeat its layout (x may differ in H and dtype).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: get_dispatch_layout's
+                outputs; computed here from topk_idx when not given.
+            num_tokens_per_rdma_rank: accepted for compatibility (recomputed internally).
+            topk_idx: [T, k] int64 global expert indices (-1: none). Required without handle.
+            topk_weights: [T, k] float32 or None.
+            expert_alignment: round each per-expert receive count up to a multiple of this.
+            previous_event: finished before starting.
+            async_finish: return before the data arrives; the returned tensors hold their values
+                after ``event.current_stream_wait()``. (The count exchange that sizes the receive
+                buffers is synchronous, as in DeepEP's normal mode; with a handle nothing is.)
+            allocate_on_comm_stream: accepted for compatibility.
+            num_experts: E when num_tokens_per_expert is not given.
+
+        Returns:
+            (recv_x, recv_topk_idx [N, k] int64 local (-1 elsewhere), recv_topk_weights [N, k]
+            float32 (0.0 where recv_topk_idx is -1) or None, num_recv_tokens_per_expert_list
+            (list of ints, rounded up to expert_alignment), handle, event). recv_x has x's form
+            (a tensor, or an (x_fp8, scales) pair); rows are ordered by source rank, then by
+            source token index. With ``handle``: (recv_x, None, None, None, None, event).
+        """
+        wait_previous(previous_event)
+        error, parts = None, []
+        try:
+            parts = _payload_parts(x)
+            if handle is not None:
+                self._check_handle(handle, parts[0].shape[0], "x")
+        except _INPUT_ERRORS as err:
+            error = err
+        if handle is not None:
+            self._agree(error, "dispatch", async_finish)
+            if handle.node is not None:
+                return self._node.dispatch_with_handle(x, parts, handle, async_finish)
+            recv_parts, event, _ = self._move(parts, handle.is_token_in_rank, handle.send_splits, handle.recv_splits,
+                                              None, None, 1, async_finish)
+            return self._form(x, recv_parts), None, None, None, None, event
+
+        try:
+            if error is not None:
+                raise error
+            num_tokens = parts[0].shape[0]
+            if num_experts is None and num_tokens_per_expert is None:
+                raise ValueError("dispatch without a handle needs num_tokens_per_expert (from get_dispatch_layout) "
+                                 "or num_experts")
+            num_experts = self._check_num_experts(num_experts if num_experts is not None
+                                                  else check_tensor("num_tokens_per_expert", num_tokens_per_expert).numel())
+            check_topk(topk_idx, topk_weights, num_tokens, num_experts)
+            check_positive_int("expert_alignment", expert_alignment)
+            topk_idx = topk_idx.contiguous()
+            per_rank, _, per_expert, in_rank = kernels.dispatch_layout(topk_idx, num_experts, self.group_size,
+                                                                       self.ranks_per_node)
+            if is_token_in_rank is not None and not torch.equal(check_tensor("is_token_in_rank", is_token_in_rank), in_rank):
+                raise ValueError("is_token_in_rank does not match topk_idx (pass get_dispatch_layout's output for "
+                                 "this topk_idx)")
+            if num_tokens_per_rank is not None and not torch.equal(num_tokens_per_rank.to(per_rank.dtype), per_rank):
+                raise ValueError("num_tokens_per_rank does not match topk_idx")
+        except _INPUT_ERRORS as err:
+            error = err
+        # Everyone exchanges counts (and error flags): rank r learns how many rows each peer sends.
+        send_counts = torch.zeros((self.group_size, 1), dtype=torch.int64, device=self._count_device)
+        if error is None:
+            send_counts[:, 0] = per_rank.to(send_counts.device)
+        recv_counts = exchange_counts(send_counts, self.group, error, "dispatch")
+        if self._node is not None:
+            return self._node.dispatch(x, parts, topk_idx, topk_weights, num_experts, in_rank, expert_alignment,
+                                       async_finish)
+        experts_per_rank = num_experts // self.group_size
+        per_expert_recv = torch.empty((self.group_size, experts_per_rank), dtype=torch.int64, device=self._count_device)
+        dist.all_to_all_single(per_expert_recv, per_expert.view(self.group_size, experts_per_rank).to(per_expert_recv),
+                               group=self.group)
+        align = expert_alignment
+        counts_list = [-(-c // align) * align for c in per_expert_recv.sum(0).tolist()]
+
+        weights = (topk_weights.contiguous() if topk_weights is not None
+                   else torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device))
+        send_splits = tuple(in_rank.sum(0).tolist())
+        recv_splits = tuple(recv_counts[:, 0].tolist())
+        recv_parts, event, send_pos = self._move(parts, in_rank, send_splits, recv_splits, topk_idx, weights,
+                                                 experts_per_rank, async_finish)
+        handle = DispatchHandle(self._owner, self.group_size, parts[0].shape[0], sum(recv_splits), in_rank, send_pos,
+                                send_splits, recv_splits)
+        recv_x = self._form(x, recv_parts[: len(parts)])
+        recv_idx, recv_w = recv_parts[len(parts):]
+        return recv_x, recv_idx, (recv_w if topk_weights is not None else None), counts_list, handle, event
+
+    def _move(self, parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
+              recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
+              experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None = None,
+              expert_base: int = 0):
+        """Packs rows by destination, exchanges them, and (now, or at the event's wait) unpacks them.
+
+        Returns (received parts [+ recv_topk_idx, recv_topk_weights], event, send_pos [T, R])."""
+        group = self.group if group is None else group
+        send_buf, send_pos = kernels.pack(parts, in_rank, topk_idx, topk_weights, experts_per_rank, expert_base)
+        n = sum(recv_splits)
+        device = parts[0].device
+        recv_buf = torch.empty((n, send_buf.shape[1]), dtype=torch.uint8, device=device)
+        outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in parts]
+        if topk_idx is not None:
+            k = topk_idx.shape[1]
+            outs += [torch.empty((n, k), dtype=torch.int64, device=device),
+                     torch.empty((n, k), dtype=torch.float32, device=device)]
+        work = launch_all_to_all(recv_buf, send_buf, recv_splits, send_splits, group, async_finish)
+        event = EventOverlap([work], [lambda: kernels.unpack_into(recv_buf, outs)])
+        if not async_finish:
+            event.current_stream_wait()
+            event = EventOverlap()
+        return outs, event, send_pos
+
+    @staticmethod
+    def _form(x: object, parts: list[torch.Tensor]):
+        """Received parts in the form x came in: a tensor, or an (x_fp8, scales) pair."""
+        return (parts[0], parts[1]) if isinstance(x, tuple) else parts[0]
+
+    def _check_handle(self, handle: object, rows: int, what: str, recv_side: bool = False) -> None:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be the DispatchHandle a dispatch returned, got {type(handle).__name__}")
+        if handle.owner != self._owner:
+            raise ValueError("handle comes from another Buffer (another group or layout); use the handle this "
+                             "Buffer's dispatch returned")
+        expected = handle.num_recv_tokens if recv_side else handle.num_tokens
+        if rows != expected:
+            side = "received" if recv_side else "sent"
+            raise ValueError(f"{what} has {rows} rows but the handle's layout {side} {expected} tokens on this rank "
+                             "(a handle from another layout?)")
+
+    def _agree(self, error: BaseException | None, what: str, async_finish: bool) -> None:
+        # An async call must not wait for its peers, so it skips the agreement: bad input on one
+        # rank alone then surfaces on the others as the backend's collective timeout.
+        if self.agree_on_errors and not async_finish:
+            agree_no_error(self.group, error, self._count_device, what)
+        elif error is not None:
+            raise error
+
+    # ----------------------------------------------------------------------------- combine
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None = None,
+                previous_event: EventOverlap | None = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Sends each received row back to its source rank and sums them per token (FP32).
+
+        No weights are applied: each rank sends back its already-weighted partial result.
+
+        Args:
+            x: [N, H] float32/bfloat16/float16, one row per received token (dispatch's order).
+            handle: the dispatch's handle.
+            topk_weights: [N, k] float32 or None; summed the same way.
+            previous_event, async_finish, allocate_on_comm_stream: as in dispatch.
+
+        Returns:
+            (combined_x [T, H] in x's dtype, combined_topk_weights [T, k] float32 or None, event).
+            A token no rank received combines to zeros.
+        """
+        wait_previous(previous_event)
+        error = None
+        try:
+            x = check_tensor("x", x)
+            check_dtype("x", x, FLOAT_INPUT_DTYPES)
+            check_dim("x", x, 2)
+            self._check_handle(handle, x.shape[0], "x", recv_side=True)
+            if topk_weights is not None:
+                topk_weights = check_tensor("topk_weights", topk_weights)
+                check_dtype("topk_weights", topk_weights, (torch.float32,))
+                check_dim("topk_weights", topk_weights, 2)
+                if topk_weights.shape[0] != x.shape[0]:
+                    raise ValueError(f"topk_weights must have x's {x.shape[0]} rows, got shape {tuple(topk_weights.shape)}")
+        except _INPUT_ERRORS as err:
+            error = err
+        self._agree(error, "combine", async_finish)
+        if handle.node is not None:
+            return self._node.combine(x, handle, topk_weights, async_finish)
+        return self._combine_flat(x, handle, topk_weights, async_finish)
+
+    def _combine_flat(self, x, handle, topk_weights, async_finish):
+        return self._send_back([x, topk_weights], handle.send_pos, handle.send_splits, handle.recv_splits,
+                               handle.num_tokens, self.group, async_finish)
+
+    @staticmethod
+    def _send_back(tensors, send_pos, send_splits, recv_splits, num_tokens, group, async_finish):
+        """The reverse exchange of each tensor in ``tensors`` (None stays None) and the per-token
+        FP32 sum of the rows that come back. Returns (*sums, event)."""
+        works, finish, results = [], [], []
+        for t in tensors:
+            if t is None:
+                results.append(None)
+                continue
+            t = t.contiguous()
+            back = t.new_empty((sum(send_splits), t.shape[1]))
+            works.append(launch_all_to_all(back, t, send_splits, recv_splits, group, async_finish))
+            out = t.new_empty((num_tokens, t.shape[1]))
+            finish.append(lambda back=back, out=out: kernels.combine_reduce_into(back, send_pos, out))
+            results.append(out)
+        event = EventOverlap(works, finish)
+        if not async_finish:
+            event.current_stream_wait()
+            event = EventOverlap()
+        return (*results, event)

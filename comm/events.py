@@ -1,0 +1,78 @@
+"""EventOverlap: the handle an ``async_finish=True`` call returns.
+
+On the CPU (gloo, MPI) it holds torch.distributed work handles, which complete in the backend's
+own threads; on CUDA (NCCL) the same handles make the current stream wait on the communication
+stream. Either way the call has returned before the data arrived. Waiting runs the call's
+finishing steps (unpacking received rows, the FP32 reduction of a combine) exactly once, after
+which the tensors the call returned hold their values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.distributed as dist
+
+__all__ = ["EventOverlap"]
+
+
+class EventOverlap:
+    """Completion of an asynchronous dispatch/combine (DeepEP's name and methods).
+
+    ``current_stream_wait()`` blocks the caller (CPU) or the current CUDA stream until the
+    communication has finished, then fills the returned tensors. ``with event: ...`` runs the
+    body (work to overlap) and waits on exit.
+    """
+
+    def __init__(self, works: Sequence[dist.Work] = (), finish: Sequence[Callable[[], None]] = ()):
+        self._works = [w for w in works if w is not None]
+        self._finish = list(finish)
+        self._done = not self._works and not self._finish
+
+    def is_complete(self) -> bool:
+        """True once the data has arrived (without waiting, and before the finishing steps run)."""
+        return self._done or all(w.is_completed() for w in self._works)
+
+    def current_stream_wait(self) -> None:
+        """Waits for the communication, then runs the finishing steps (once)."""
+        if self._done:
+            return
+        for w in self._works:
+            w.wait()
+        for fn in self._finish:
+            fn()
+        self._works, self._finish, self._done = [], [], True
+
+    def then(self, fn: Callable[[], None]) -> EventOverlap:
+        """Adds a finishing step (runs now if the event has already finished)."""
+        if self._done:
+            fn()
+        else:
+            self._finish.append(fn)
+        return self
+
+    # DeepEP's spelling for the same thing
+    def wait(self) -> None:
+        self.current_stream_wait()
+
+    def __enter__(self) -> EventOverlap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.current_stream_wait()
+
+    @staticmethod
+    def wait_all(events: Sequence[EventOverlap | None]) -> None:
+        for e in events:
+            if e is not None:
+                e.current_stream_wait()
+
+
+def wait_previous(previous_event: EventOverlap | None) -> None:
+    """The ``previous_event`` argument of every call: finish it before starting."""
+    if previous_event is None:
+        return
+    if not isinstance(previous_event, EventOverlap):
+        raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
+    previous_event.current_stream_wait()
+
