@@ -56,7 +56,8 @@ def moe_rank(rank: int, world: int, case: Case) -> dict:
         "x": ops.calc_diff(x.grad, xs[rank].grad),
         "topk_weights": ops.calc_diff(wt.grad, ws[rank].grad * (idx >= 0)),
         "experts": ops.calc_diff(w_local.grad, W.grad[rank * epr:(rank + 1) * epr]),
-        "nonzero": bool(wt.grad.abs().sum() > 0) if idx.numel() else True,
+        # a rank whose top-k slots are all -1 (or that has no tokens) routes nothing: no gradient
+        "nonzero": bool(wt.grad.abs().sum() > 0) if bool((idx >= 0).any()) else True,
     }
 
 
