@@ -60,6 +60,12 @@ def _unpack(name: str, pair: object) -> tuple[object, object]:
     return pair[0], pair[1]
 
 
+def _operand(name: str, pair: object, dims: int) -> tuple[torch.Tensor, object]:
+    """A checked (FP8 payload, unchecked scales) operand tuple; scales are checked per op."""
+    payload, scales = _unpack(name, pair)
+    return _payload(name, payload, dims), scales
+
+
 def _payload(name: str, t: object, dims: int) -> torch.Tensor:
     t = check_tensor(name, t)
     check_dtype(name, t, (FP8,))
@@ -127,10 +133,8 @@ def fp8_gemm_nt(
     Returns:
         d.
     """
-    a_, sa = _unpack("a", a)
-    b_, sb = _unpack("b", b)
-    a_ = _payload("a", a_, 2)
-    b_ = _payload("b", b_, 2)
+    a_, sa = _operand("a", a, 2)
+    b_, sb = _operand("b", b, 2)
     (m, k), n = a_.shape, b_.shape[0]
     _check_k("a", k, "b", b_.shape[1])
     kb = _cdiv(k, BLOCK)
@@ -197,10 +201,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
     Returns:
         d, with d[m] = A[m] @ B[m_indices[m]]^T.
     """
-    a_, sa = _unpack("a", a)
-    b_, sb = _unpack("b", b)
-    a_ = _payload("a", a_, 2)
-    b_ = _payload("b", b_, 3)
+    a_, sa = _operand("a", a, 2)
+    b_, sb = _operand("b", b, 3)
     (m, k), (g, n) = a_.shape, b_.shape[:2]
     _check_k("a", k, "b", b_.shape[2])
     kb = _cdiv(k, BLOCK)
@@ -235,10 +237,8 @@ def m_grouped_fp8_gemm_nt_masked(
     Returns:
         d.
     """
-    a_, sa = _unpack("a", a)
-    b_, sb = _unpack("b", b)
-    a_ = _payload("a", a_, 3)
-    b_ = _payload("b", b_, 3)
+    a_, sa = _operand("a", a, 3)
+    b_, sb = _operand("b", b, 3)
     (g, mmax, k), n = a_.shape, b_.shape[1]
     if b_.shape[0] != g:
         raise ValueError(f"b must have G={g} groups like a, got shape {list(b_.shape)}")
@@ -297,10 +297,8 @@ def k_grouped_fp8_gemm_nt_contiguous(
         d, with d[g] = c[g] + A[:, group g] @ B[:, group g]^T.
     """
     ks = _group_sizes(ks)
-    a_, sa = _unpack("a", a)
-    b_, sb = _unpack("b", b)
-    a_ = _payload("a", a_, 2)
-    b_ = _payload("b", b_, 2)
+    a_, sa = _operand("a", a, 2)
+    b_, sb = _operand("b", b, 2)
     (m, sum_k), n = a_.shape, b_.shape[0]
     _check_k("a", sum_k, "b", b_.shape[1])
     if sum(ks) != sum_k:
