@@ -62,4 +62,4 @@ def test_chained_stages_equal_the_transformer(n_stages: int, n_mtp_layers: int) 
             g = p.grad
             if n == "embed.weight" and last.mtp_embed is not None and last.mtp_embed is not st.embed:
                 g = g + last.mtp_embed.weight.grad  # the untied copy: its gradient is summed by the trainer
-            assert calc_diff(g, ref_grads[n]) < 1e-20 or torch.equal(g, ref_grads[n]), n
+            assert calc_diff(g, ref_grads[n]) < 1e-14, n  # float64: a few ulps of summation order
