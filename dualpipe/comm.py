@@ -1,24 +1,34 @@
-"""Point-to-point transfers between pipeline ranks: tagged, non-blocking, self-describing.
+"""Point-to-point transfers between pipeline ranks: ordered, non-blocking, self-describing.
 
 Every transfer (one stage's activations to the next stage, or one stage's input gradients back to
 the previous one) carries a *header*: the dtype, shape and requires_grad flag of every tensor (so
 no "set the shapes first" step is needed), or an *abort* status with the sender's error text (a
 rank that fails sends aborts for every transfer it still owes, so its peers raise too instead of
-waiting forever). Tags derive from (kind, stage, chunk, step), so the order in which ranks post
-operations does not matter, and a receiver posts all its receives when a step starts.
+waiting forever).
+
+**Matching by order, not by tag.** NCCL ignores P2P tags: it pairs the sends and receives of two
+ranks in the order they are posted, and each receive buffer must have the sent size exactly.
+Schedules are deterministic, so every rank can list the transfers each peer will send it, in the
+peer's send order (``executor.transfer_plan``). A receiver thread per peer walks that list
+and posts strictly in it: the transfer's first receive, then (once it has landed and said so) its
+payload receives, and only then the next transfer's first receive. Every message uses tag 0, so
+gloo matches exactly like NCCL and the tests exercise the NCCL matching rule. (So, during a step,
+nothing else may exchange tag-0 P2P messages between two ranks of the pipeline's group.)
 
 The first time a transfer is seen (per key and chunk count), the header goes alone and the
 payloads follow once the receiver has read it. Both sides then remember its shapes, and from the
-next step on the transfer is ONE message (header + payloads) into a buffer the receiver posted at
-the start of the step; if the shapes changed, that message says RESHAPE and the payloads follow
-separately. A helper thread posts payload receives as soon as headers land (gloo moves data only
-into posted receives).
+next step on the transfer is ONE message (header + payloads) of a size both sides know; if the
+shapes changed, that message says RESHAPE and the payloads follow separately.
 
-Payloads travel as raw bytes (``uint8`` views), which every backend moves, whatever the dtype
-(bool, fp8, ...). Matching relies on tags, which gloo (and MPI) honour. NCCL ignores tags and
-matches by order per pair of ranks, so on NCCL this protocol would need receives posted in each
-sender's order: not implemented yet (``Pipeline`` refuses an NCCL group with a clear error rather
-than risk a mismatch).
+Payloads travel as raw bytes (``uint8``), which every backend moves, whatever the dtype (bool,
+fp8, ...); headers too, so both sides always agree on dtype and element count.
+
+NCCL is not supported yet for another reason (``Pipeline`` refuses it): an NCCL receive blocks the
+communicator's stream until it is matched, so the receives posted ahead here would hold back this
+rank's own sends to that peer; running on NCCL needs both ranks of a pair to issue their sends
+and receives in one common order (or grouped), which this module does not do. (Also, waiting on
+an NCCL work only orders streams: the receiver threads would have to synchronise before reading a
+header.)
 """
 
 from __future__ import annotations
@@ -27,17 +37,19 @@ import contextlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 ACT, GRAD = 0, 1  # transfer kinds: activation for F(stage, chunk), gradient for B(stage, chunk)
+Key = tuple[int, int, int]  # (kind, stage, chunk): one transfer of a step
+TAG = 0  # every message: matching is by posting order (NCCL's rule), see the module docstring
 HEADER_LEN = 128
 STATUS_OK, STATUS_ABORT, STATUS_RESHAPE = 1, 2, 3
 HEADER_BYTES = HEADER_LEN * 8
 ALIGN = 16  # payload offsets inside a combined message (so every dtype view is aligned)
-MAX_TENSORS = 15  # sub-tags 1..15 after the header's 0
+MAX_TENSORS = 15
 _DTYPES = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64,
@@ -144,161 +156,106 @@ def _check_hints(metas: list[TensorMeta | None], src: int) -> None:
                            f"set_p2p_tensor_dtype hint {dtype}")
 
 
+@dataclass
 class _Recv:
-    """One expected transfer: its header receive, then its payload receives."""
+    """One expected transfer, filled in by its peer's receiver thread."""
 
-    def __init__(self, src: int, header: torch.Tensor, work: dist.Work):
-        self.src, self.header, self.work = src, header, work
-        self.metas: list[TensorMeta | None] | None = None
-        self.buffers: list[torch.Tensor | None] = []
-        self.payload_works: list[dist.Work] = []
-        self.error: BaseException | None = None
-        self.ready = threading.Event()  # payload receives posted (or error recorded)
-        self.combined: torch.Tensor | None = None  # the one-message buffer, when shapes were cached
+    src: int
+    metas: list[TensorMeta | None] = field(default_factory=list)
+    buffers: list[torch.Tensor | None] = field(default_factory=list)
+    payload_works: list[dist.Work] = field(default_factory=list)
+    error: BaseException | None = None
+    ready: threading.Event = field(default_factory=threading.Event)  # header read, payloads posted
 
 
 class P2P:
-    """Tagged transfers for one pipeline step on one rank.
+    """The transfers of one pipeline step on one rank, matched by order.
 
-    ``peers[p]`` is the global rank of pipeline rank ``p``. ``step_id`` is folded into the tags,
-    so a message of one step can never match a receive of another.
+    ``peers[p]`` is the global rank of pipeline rank ``p``. ``incoming[p]``: the transfers
+    pipeline rank ``p`` sends to this rank, in the order ``p`` sends them; ``outgoing``: this
+    rank's sends ``(key, destination)`` in the order it makes them (``send`` checks each against
+    it, so a schedule that breaks the plan fails loudly instead of mismatching).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, peers: Sequence[int], device: torch.device,
-                 num_stages: int, num_chunks: int, step_id: int, cache: dict | None = None):
-        self.group, self.peers, self.device = group, list(peers), device
+                 num_chunks: int, incoming: dict[int, list[Key]], outgoing: list[tuple[Key, int]],
+                 cache: dict | None = None):
+        self.group, self.peers, self.device, self.num_chunks = group, list(peers), device, num_chunks
         # Shapes of each transfer in the previous step, identical on sender and receiver: when a
-        # transfer repeats them, it is ONE message (header + payloads) into a buffer the receiver
-        # posted up front; otherwise the header says RESHAPE and the payloads follow separately.
+        # transfer repeats them it is ONE message of a size both know (see the module docstring).
         self.cache: dict = cache if cache is not None else {}
-        self.num_stages, self.num_chunks = num_stages, num_chunks
-        span = 2 * num_stages * num_chunks * 16
-        if span > 2**30:
-            raise ValueError(f"too many stages x chunks for P2P tags ({num_stages} x {num_chunks})")
-        self.tag_base = (step_id % max(1, (2**31 - 1) // span - 1)) * span
-        self.recvs: dict[tuple[int, int, int], _Recv] = {}
-        self._thread: threading.Thread | None = None
+        self.incoming = {p: list(keys) for p, keys in incoming.items() if keys}
+        self.outgoing = list(outgoing)
+        self.num_sent = 0
+        self.recvs: dict[Key, _Recv] = {k: _Recv(p) for p, keys in self.incoming.items() for k in keys}
+        self._threads: list[threading.Thread] = []
         self.wait_s = 0.0  # seconds spent waiting in recv (the executor subtracts it from timelines)
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def _tag(self, key: tuple[int, int, int], sub: int) -> int:
-        kind, stage, chunk = key
-        return self.tag_base + ((kind * self.num_stages + stage) * self.num_chunks + chunk) * 16 + sub
-
-    def _ckey(self, key: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    def _ckey(self, key: Key) -> tuple[int, int, int, int]:
         return (self.num_chunks, *key)
 
-    def expect(self, key: tuple[int, int, int], src: int) -> None:
-        """Posts the first receive of a transfer this rank will need (call early): the whole
-        message if its shapes are cached, else its header."""
+    # ------------------------------------------------------------------ receiving
+    def start(self) -> None:
+        """Starts one receiver thread per sending peer.
+
+        Why threads: a receive can only be posted once the previous transfer from that peer is
+        understood (its payload sizes come in its header), and gloo (like most transports) moves
+        a message only into a posted receive; a thread that posts the next receive as soon as
+        the last lands keeps data flowing while the rank computes.
+        """
+        for src, keys in self.incoming.items():
+            items = [(k, self.recvs[k]) for k in keys]  # recv() pops from self.recvs meanwhile
+            t = threading.Thread(target=self._receive_from, args=(items,), name=f"dualpipe-recv-{src}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _irecv(self, buf: torch.Tensor, src: int) -> dist.Work:
+        return dist.irecv(buf, self.peers[src], group=self.group, tag=TAG)
+
+    def _receive_from(self, items: list[tuple[Key, _Recv]]) -> None:
+        broken: BaseException | None = None
+        for key, r in items:
+            if broken is None:
+                try:
+                    self._receive_one(key, r)
+                except BaseException as e:  # the group itself failed: fail this and every later one
+                    broken = e
+                if r.error is not None and not isinstance(r.error, PeerAbort):
+                    broken = r.error  # a corrupt header: later messages cannot be trusted either
+            if broken is not None:
+                r.error = r.error or broken
+            r.ready.set()
+
+    def _receive_one(self, key: Key, r: _Recv) -> None:
+        """Posts and waits for the transfer's first message, then posts its payload receives."""
         cached = self.cache.get(self._ckey(key))
-        if cached is not None:
-            buf = torch.empty(combined_size(cached), dtype=torch.uint8, device=self.device)
-            work = dist.irecv(buf, self.peers[src], group=self.group, tag=self._tag(key, 0))
-            r = _Recv(src, buf[:HEADER_BYTES].view(torch.int64), work)
-            r.combined = buf
-        else:
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-            r = _Recv(src, header, dist.irecv(header, self.peers[src], group=self.group, tag=self._tag(key, 0)))
-        self.recvs[key] = r
-
-    def send(self, key: tuple[int, int, int], dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
-        """Non-blocking. Keeps the buffers until sent."""
-        metas = metas_of(tensors)
-        cached = self.cache.get(self._ckey(key))
-        self.cache[self._ckey(key)] = metas
-        payloads = [None if t is None else t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-        if cached is not None and cached == metas:  # the receiver posted exactly this message
-            buf = torch.empty(combined_size(metas), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors))
-            off = HEADER_BYTES
-            for p in payloads:
-                if p is not None:
-                    buf[off : off + p.numel()].copy_(p)
-                    off += _pad(p.numel())
-            self._isend(buf, dst, self._tag(key, 0))
-            return
-        if cached is not None:  # the receiver posted the old size: fill it with a RESHAPE header
-            buf = torch.zeros(combined_size(cached), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors, STATUS_RESHAPE))
-            self._isend(buf, dst, self._tag(key, 0))
-        else:
-            self._isend(encode_header(tensors).to(self.device), dst, self._tag(key, 0))
-        for i, p in enumerate(payloads):
-            if p is not None:
-                self._isend(p, dst, self._tag(key, 1 + i))
-
-    def send_abort(self, key: tuple[int, int, int], dst: int, message: str) -> None:
-        cached = self.cache.get(self._ckey(key))
-        if cached is not None:
-            buf = torch.zeros(combined_size(cached), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_abort(message))
-            self._isend(buf, dst, self._tag(key, 0))
-        else:
-            self._isend(encode_abort(message).to(self.device), dst, self._tag(key, 0))
-
-    def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
-        self.sends.append((dist.isend(t, self.peers[dst], group=self.group, tag=tag), t))
-
-    def _post_payload(self, key: tuple[int, int, int], r: _Recv) -> None:
+        first = torch.empty(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
+                            device=self.device)
+        self._irecv(first, r.src).wait()
+        header = first[:HEADER_BYTES].view(torch.int64)
         try:
-            r.metas = decode_header(r.header, r.src)
-        except BaseException as e:  # abort or bad header: raised by recv()
-            r.metas, r.error = [], e
+            r.metas = decode_header(header, r.src)
+        except (PeerAbort, RuntimeError) as e:  # an abort (or garbage): recv() raises it
+            r.error = e
             return
-        if r.combined is not None and int(r.header[0]) == STATUS_OK:  # payloads came in the same message
+        if cached is not None and int(header[0]) == STATUS_OK:  # the payloads came in the same message
             off = HEADER_BYTES
             for m in r.metas:
-                r.buffers.append(None if m is None else r.combined[off : off + m.nbytes])
+                r.buffers.append(None if m is None else first[off : off + m.nbytes])
                 off += 0 if m is None else _pad(m.nbytes)
             return
-        for i, m in enumerate(r.metas):
-            if m is None:
-                r.buffers.append(None)
-                continue
-            buf = torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
+        for m in r.metas:  # posted now, before the next transfer's first receive: the sender's order
+            buf = None if m is None else torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
             r.buffers.append(buf)
-            r.payload_works.append(dist.irecv(buf, self.peers[r.src], group=self.group, tag=self._tag(key, 1 + i)))
+            if buf is not None:
+                r.payload_works.append(self._irecv(buf, r.src))
 
-    def start_prefetch(self, order: Sequence[tuple[int, int, int]]) -> None:
-        """Starts a helper thread that waits for each expected header (in ``order``, the order
-        the executor will need them) and posts its payload receives at once.
-
-        Why a thread: gloo (like most transports) moves a payload only once its receive is
-        posted, so posting it when the header lands, rather than at the next action boundary,
-        saves a round trip plus up to a whole action's time per transfer.
-        """
-        recvs = [(k, self.recvs[k]) for k in order]
-
-        def run() -> None:
-            for key, r in recvs:
-                try:
-                    r.work.wait()
-                    self._post_payload(key, r)
-                except BaseException as e:  # the group is broken: fail this and every later one
-                    for _, rest in recvs[recvs.index((key, r)) :]:
-                        rest.metas, rest.error = rest.metas or [], rest.error or e
-                        rest.ready.set()
-                    return
-                r.ready.set()
-
-        self._thread = threading.Thread(target=run, name="dualpipe-p2p-prefetch", daemon=True)
-        self._thread.start()
-
-    def poll(self) -> None:
-        """Drops finished sends (payload receives are posted by the prefetch thread)."""
-        if len(self.sends) > 64:
-            self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
-
-    def recv(self, key: tuple[int, int, int]) -> list[torch.Tensor | None]:
+    def recv(self, key: Key) -> list[torch.Tensor | None]:
         """Waits for a transfer; returns its tensors (requires_grad as the sender's)."""
         r = self.recvs.pop(key)
         t0 = time.perf_counter()
-        if self._thread is not None:
-            r.ready.wait()
-        elif r.metas is None:
-            r.work.wait()
-            self._post_payload(key, r)
+        r.ready.wait()
         for w in r.payload_works:
             w.wait()
         self.wait_s += time.perf_counter() - t0
@@ -315,6 +272,60 @@ class P2P:
                 out.append(t.requires_grad_() if m.requires_grad else t)
         return out
 
+    # ------------------------------------------------------------------ sending
+    def _next_send(self, key: Key, dst: int) -> None:
+        if self.num_sent >= len(self.outgoing) or self.outgoing[self.num_sent] != (key, dst):
+            want = self.outgoing[self.num_sent] if self.num_sent < len(self.outgoing) else "nothing"
+            raise RuntimeError(f"P2P send {key} to pipeline rank {dst} is out of the planned order "
+                               f"(next planned: {want}); the receiver would mismatch it")
+        self.num_sent += 1
+
+    def _isend(self, t: torch.Tensor, dst: int) -> None:
+        self.sends.append((dist.isend(t, self.peers[dst], group=self.group, tag=TAG), t))
+
+    def send(self, key: Key, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Non-blocking. Keeps the buffers until sent."""
+        self._next_send(key, dst)
+        metas = metas_of(tensors)
+        cached = self.cache.get(self._ckey(key))
+        self.cache[self._ckey(key)] = metas
+        payloads = [None if t is None else t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        if cached is not None and cached == metas:  # the receiver expects exactly this one message
+            buf = torch.empty(combined_size(metas), dtype=torch.uint8, device=self.device)
+            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors))
+            off = HEADER_BYTES
+            for p in payloads:
+                if p is not None:
+                    buf[off : off + p.numel()].copy_(p)
+                    off += _pad(p.numel())
+            self._isend(buf, dst)
+            return
+        if cached is not None:  # the receiver expects the old size: fill it with a RESHAPE header
+            buf = torch.zeros(combined_size(cached), dtype=torch.uint8, device=self.device)
+            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors, STATUS_RESHAPE))
+            self._isend(buf, dst)
+        else:
+            self._isend(encode_header(tensors).view(torch.uint8).to(self.device), dst)
+        for p in payloads:
+            if p is not None:
+                self._isend(p, dst)
+
+    def send_aborts(self, message: str) -> None:
+        """After an error: an abort, in place of data, for every planned send not made yet."""
+        for key, dst in self.outgoing[self.num_sent :]:
+            cached = self.cache.get(self._ckey(key))
+            buf = torch.zeros(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
+                              device=self.device)
+            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_abort(message))
+            self._isend(buf, dst)
+        self.num_sent = len(self.outgoing)
+
+    # ------------------------------------------------------------------ step end
+    def poll(self) -> None:
+        """Drops finished sends (payload receives are posted by the receiver threads)."""
+        if len(self.sends) > 64:
+            self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
+
     def drain(self) -> None:
         """After an error: consume every expected transfer (data or abort), then finish sends."""
         for key in list(self.recvs):
@@ -326,5 +337,5 @@ class P2P:
         for w, _ in self.sends:
             w.wait()
         self.sends.clear()
-        if self._thread is not None:
-            self._thread.join()
+        for t in self._threads:
+            t.join()

@@ -1,10 +1,10 @@
 """Runs one rank's action list of a ``Schedule`` over P2P: the engine under every pipeline class.
 
-Per step: all header receives this rank will need are posted first (``P2P.expect``); each action
-then waits only for the transfer it consumes, sends its results without waiting (the send runs
-while the next action computes), and frees a sent output's storage (autograd keeps only the
-graph). A helper thread (``P2P.start_prefetch``) posts payload receives as headers land, so data
-flows in while the rank computes.
+Per step: ``transfer_plan`` lists, from the schedule alone, what this rank sends (in order) and
+what each peer sends it (in that peer's order); ``P2P`` posts receives strictly in those orders
+(NCCL's matching rule). Each action then waits only for the transfer it consumes, sends its
+results without waiting (the send runs while the next action computes), and frees a sent
+output's storage (autograd keeps only the graph).
 
 Errors: a rank that fails sends an abort for every transfer it still owes, drains what it was
 going to receive, and re-raises; its peers get the abort instead of data, do the same, and every
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dualpipe.comm import ACT, GRAD, P2P
+from dualpipe.comm import ACT, GRAD, P2P, Key
 from dualpipe.schedules import Action, Schedule
 from dualpipe.simulator import TimelineEvent
 from dualpipe.weight_grad import WeightGradStore
@@ -55,6 +55,50 @@ def as_tensor_list(out: object, what: str) -> list[torch.Tensor]:
     raise TypeError(f"{what} returned {kind}; a pipeline stage must return a Tensor or a non-empty tuple of Tensors")
 
 
+def step_actions(schedule: Schedule, rank: int, training: bool) -> list[Action]:
+    """The actions ``rank`` runs: all of them when training, else the forward half of each F and
+    F&B, in the same order."""
+    if training:
+        return list(schedule.actions[rank])
+    return [Action("F", a.stage, a.chunk) for a in schedule.actions[rank] if a.kind in ("F", "FB")]
+
+
+def _sends_of(schedule: Schedule, rank: int, training: bool) -> list[tuple[Key, int]]:
+    """``rank``'s P2P sends ``(key, destination rank)`` in the order the executor makes them:
+    per action, the forward's activations (F and the F half of F&B), then the backward's input
+    gradients (B and the B half of F&B). Transfers between two stages on one rank are local."""
+    out: list[tuple[Key, int]] = []
+    last = schedule.num_stages - 1
+    for a in step_actions(schedule, rank, training):
+        halves = [] if a.kind == "W" else [("F" if a.kind in ("F", "FB") else "B", a.stage, a.chunk)]
+        if a.kind == "FB":
+            assert a.bwd is not None
+            halves.append(("B", *a.bwd))
+        for kind, st, c in halves:
+            if kind == "F" and st < last:
+                dst = schedule.place(st + 1, c).rank
+                if dst != rank:
+                    out.append(((ACT, st + 1, c), dst))
+            elif kind == "B" and st > 0:
+                dst = schedule.place(st - 1, c).rank
+                if dst != rank:
+                    out.append(((GRAD, st - 1, c), dst))
+    return out
+
+
+def transfer_plan(schedule: Schedule, rank: int, training: bool) -> tuple[dict[int, list[Key]], list[tuple[Key, int]]]:
+    """``(incoming, outgoing)`` of ``rank`` for one step: ``incoming[p]`` the transfers rank ``p``
+    sends to ``rank`` in ``p``'s send order, ``outgoing`` ``rank``'s own sends in order. Every rank
+    derives both from the schedule, so sender and receiver agree without exchanging anything."""
+    incoming: dict[int, list[Key]] = {}
+    for p in range(schedule.num_ranks):
+        if p != rank:
+            keys = [k for k, dst in _sends_of(schedule, p, training) if dst == rank]
+            if keys:
+                incoming[p] = keys
+    return incoming, _sends_of(schedule, rank, training)
+
+
 @dataclass
 class StepData:
     """What one rank brings to a step and takes from it (chunk ids are the schedule's)."""
@@ -79,7 +123,6 @@ class Executor:
         self.outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.local_grads: dict[tuple[int, int], Tensors] = {}
         self.loss_tensors: dict[int, torch.Tensor] = {}
-        self.pending_sends: set[tuple[int, int, int]] = set()
         self.events: list[TimelineEvent] = []
         self.record = record
         m0 = self.modules[0]
@@ -87,9 +130,7 @@ class Executor:
         if overlap and len(self.modules) == 2 and type(m0) is type(self.modules[1]):
             self.hook = getattr(type(m0), "overlapped_forward_backward", None)
         self.hook_calls: list[tuple[int, int, int, int]] = []
-        self.actions = [a for a in schedule.actions[rank] if data.training or a.kind in ("F", "FB")]
-        if not data.training:  # forward only: the F half of each pair, in the same order
-            self.actions = [Action("F", a.stage, a.chunk) for a in self.actions]
+        self.actions = step_actions(schedule, rank, data.training)
 
     # ------------------------------------------------------------------ placement helpers
     def _rank_of(self, stage: int, chunk: int) -> int:
@@ -97,28 +138,6 @@ class Executor:
 
     def _module(self, stage: int, chunk: int) -> nn.Module:
         return self.modules[self.s.place(stage, chunk).slot]
-
-    def _post_receives(self) -> list[tuple[int, int, int]]:
-        """Posts every header receive this rank's actions need, in the order they need them."""
-        order: list[tuple[int, int, int]] = []
-        for a in self.actions:
-            halves = [("F", a.stage, a.chunk)] if a.kind in ("F", "FB") else [(a.kind, a.stage, a.chunk)]
-            if a.kind == "FB" and self.d.training:
-                halves.append(("B", *a.bwd))
-            for kind, st, c in halves:
-                if kind == "F":
-                    if st > 0 and self._rank_of(st - 1, c) != self.rank:
-                        self.p2p.expect((ACT, st, c), self._rank_of(st - 1, c))
-                        order.append((ACT, st, c))
-                    if st < self.last and self._rank_of(st + 1, c) != self.rank:
-                        self.pending_sends.add((ACT, st + 1, c))
-                elif kind == "B":
-                    if st < self.last and self._rank_of(st + 1, c) != self.rank:
-                        self.p2p.expect((GRAD, st, c), self._rank_of(st + 1, c))
-                        order.append((GRAD, st, c))
-                    if st > 0 and self._rank_of(st - 1, c) != self.rank:
-                        self.pending_sends.add((GRAD, st - 1, c))
-        return order
 
     # ------------------------------------------------------------------ forward
     def _forward_inputs(self, st: int, c: int) -> Tensors:
@@ -148,7 +167,6 @@ class Executor:
             self.inputs[(st + 1, c)] = [o.detach().requires_grad_(o.requires_grad and self.d.training) for o in outs]
         else:
             self.p2p.send((ACT, st + 1, c), nxt, outs)
-            self.pending_sends.discard((ACT, st + 1, c))
             if self.d.training:
                 for o in outs:  # the receiver has its own copy: keep only the autograd graph
                     if o.grad_fn is not None and o._base is None:
@@ -189,7 +207,6 @@ class Executor:
             self.local_grads[(st - 1, c)] = grads
         else:
             self.p2p.send((GRAD, st - 1, c), prev, grads)
-            self.pending_sends.discard((GRAD, st - 1, c))
 
     def _backward(self, st: int, c: int, split: bool) -> None:
         loss, outs, grads = self._backward_targets(st, c)
@@ -231,7 +248,7 @@ class Executor:
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
-        self.p2p.start_prefetch(self._post_receives())
+        self.p2p.start()
         try:
             for a in self.actions:
                 self.p2p.poll()
@@ -251,11 +268,7 @@ class Executor:
                     self.events.append(TimelineEvent(self.rank, str(a), a.kind, start, time.perf_counter()))
             self.p2p.finish()
         except BaseException as e:
-            message = f"{type(e).__name__}: {e}"
-            for kind, st, c in sorted(self.pending_sends):
-                dst = self._rank_of(st, c)
-                self.p2p.send_abort((kind, st, c), dst, message)
-            self.pending_sends.clear()
+            self.p2p.send_aborts(f"{type(e).__name__}: {e}")
             self.p2p.drain()
             raise
         finally:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.comm import P2P, PeerAbort
-from dualpipe.executor import Executor, StepData
+from dualpipe.executor import Executor, StepData, transfer_plan
 from dualpipe.schedules import (
     Schedule,
     dualpipe_schedule,
@@ -71,14 +71,15 @@ class Pipeline(nn.Module):
         param = next(self.module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
         if dist.get_backend(self.group) == "nccl":
-            raise NotImplementedError(f"{type(self).__name__}: the executor matches P2P messages by tag, which "
-                                      "NCCL ignores; use a gloo (or MPI) process group for now")
+            raise NotImplementedError(f"{type(self).__name__}: NCCL is not supported yet: its receives block the "
+                                      "stream until matched, so the receives this executor posts ahead could hold "
+                                      "back its own sends (see dualpipe.comm); use a gloo (or MPI) process group")
         self.overlap = True  # call overlapped_forward_backward when the stage class defines it
         self.record_timeline = False
         self.timeline: list[TimelineEvent] = []
         self.hook_calls: list[tuple[int, int, int, int]] = []
-        self._step_id = 0
         self._p2p_cache: dict = {}  # transfer shapes of the last step (see dualpipe.comm.P2P)
+        self._plans: dict[tuple[int, bool], tuple] = {}  # (num_chunks, training) -> transfer_plan
 
     def schedule(self, num_chunks: int) -> Schedule:
         """The schedule this pipeline runs for ``num_chunks`` micro-batches."""
@@ -107,9 +108,11 @@ class Pipeline(nn.Module):
             error = e
         self._agree_on_start(error, num_chunks if isinstance(num_chunks, int) else -1, training)
         assert sched is not None and data is not None
-        p2p = P2P(self.group, self.peers, self.device, sched.num_stages, sched.num_chunks, self._step_id,
-                  self._p2p_cache)
-        self._step_id += 1
+        plan_key = (sched.num_chunks, training)
+        if plan_key not in self._plans:
+            self._plans[plan_key] = transfer_plan(sched, self.rank, training)
+        incoming, outgoing = self._plans[plan_key]
+        p2p = P2P(self.group, self.peers, self.device, sched.num_chunks, incoming, outgoing, self._p2p_cache)
         ex = Executor(sched, self.rank, list(self.module), p2p, data, overlap=self.overlap, record=self.record_timeline)
         try:
             ex.run()
@@ -294,37 +297,59 @@ class ZB1P(Pipeline):
 
 def sum_mirror_grads(pipe: DualPipe) -> None:
     """Adds the gradients of DualPipe's mirror rank (PP-1-r holds the same stages, swapped) to
-    this rank's, so that both hold the full gradient of their two stages. Call it on every rank
-    after ``step``. Parameters without a gradient count as zero."""
+    this rank's, so that both hold the full gradient of their two stages (bit-identical on both).
+    Call it on every rank after ``step``. Parameters without a gradient count as zero.
+
+    A parameter shared by this rank's two stage modules (e.g. the embedding tied between stage 0
+    and an MTP head on the last stage) holds ONE gradient, already the sum of both uses here, so
+    it is exchanged and added once. Both mirrors list the parameters in stage order (the lower
+    stage's module first), each once, and check that their lists have the same sizes.
+    """
     if not isinstance(pipe, DualPipe):
         raise TypeError(f"sum_mirror_grads needs a DualPipe, got {type(pipe).__name__}")
     m0, m1 = pipe.module
+    lower_first = pipe.rank < pipe.num_ranks // 2  # m0 holds stage r, m1 stage PP-1-r
+    params = _unique_params((m0, m1) if lower_first else (m1, m0))
     mirror = pipe.peers[pipe.num_ranks - 1 - pipe.rank]
-    mine = [_flat_grads(m0), _flat_grads(m1)]
-    theirs = [torch.empty_like(mine[1]), torch.empty_like(mine[0])]  # mirror sends (its m0, its m1)
-    tag = 2**31 - 16
-    works = [dist.irecv(theirs[i], mirror, group=pipe.group, tag=tag + i) for i in range(2)]
-    works += [dist.isend(mine[i], mirror, group=pipe.group, tag=tag + i) for i in range(2)]
-    for w in works:
-        w.wait()
-    # Their m0 (stage PP-1-r') is our m1's stage, their m1 our m0's.
-    _add_flat(m0, theirs[1])
-    _add_flat(m1, theirs[0])
-
-
-def _flat_grads(m: nn.Module) -> torch.Tensor:
-    ps = list(m.parameters())
-    if not ps:
-        return torch.empty(0)
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64) for p in ps])
-
-
-def _add_flat(m: nn.Module, flat: torch.Tensor) -> None:
+    sizes = torch.tensor([len(params), sum(p.numel() for p in params)], dtype=torch.int64, device=pipe.device)
+    their_sizes = torch.empty_like(sizes)
+    _exchange(sizes, their_sizes, mirror, pipe.group)
+    if not torch.equal(sizes, their_sizes):
+        raise RuntimeError(f"sum_mirror_grads: pipeline rank {pipe.rank} holds {sizes.tolist()} (parameters, "
+                           f"elements) of its two stages, its mirror {pipe.num_ranks - 1 - pipe.rank} holds "
+                           f"{their_sizes.tolist()}: the mirrors must hold the same stages (and the same ties)")
+    if not params:
+        return
+    mine = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+                      for p in params])
+    theirs = torch.empty_like(mine)
+    _exchange(mine, theirs, mirror, pipe.group)
+    total = mine + theirs  # float64, and the same sum on both mirrors
     i = 0
-    for p in m.parameters():
-        g = flat[i : i + p.numel()].view_as(p).to(p.dtype)
+    for p in params:
+        g = total[i : i + p.numel()].view_as(p).to(p.dtype)
         i += p.numel()
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
-            p.grad.add_(g)
+            p.grad.copy_(g)
+
+
+def _unique_params(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """Parameters of ``modules`` in order, each once (a shared one where it first appears)."""
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:
+    """Swaps two same-sized tensors with ``peer`` (global rank), as one batch: NCCL needs the send
+    and the receive grouped, since each alone would wait for the other."""
+    ops = [dist.P2POp(dist.irecv, recv, peer, group), dist.P2POp(dist.isend, send, peer, group)]
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()

@@ -139,14 +139,9 @@ class PipelineRunner:
         """DualPipe: add the mirror rank's gradients and expert loads (it ran the other half)."""
         if self.mirror_group is None:
             return
-        params = [p for _, p in self.unique_params()]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params])
-        dist.all_reduce(flat, group=self.mirror_group)
-        offset = 0
-        for p in params:
-            g = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
-            p.grad = g.clone()
+        from dualpipe import sum_mirror_grads
+
+        sum_mirror_grads(self.pipe)  # adds the tied MTP embedding's gradient once
         loads = [m.expert_load for _, s in sorted(self.stage_modules(), key=lambda t: t[0]) for m in s.moe_layers()]
         if loads:
             flat = torch.stack(loads)

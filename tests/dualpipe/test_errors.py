@@ -12,11 +12,13 @@ from tests.harness.distributed import run_distributed
 
 
 class DictStage(Stage):
-    """Returns a dict (not a Tensor or tuple of Tensors) after its first call."""
+    """Returns a dict (not a Tensor or tuple of Tensors) after its first ``ok_calls`` calls."""
+
+    ok_calls = 1
 
     def forward(self, x):
         self.n = getattr(self, "n", 0) + 1
-        return {"x": x} if self.n > 1 else super().forward(x)
+        return {"x": x} if self.n > self.ok_calls else super().forward(x)
 
 
 def _attempt(fn) -> tuple[str, str]:
@@ -53,6 +55,16 @@ def errors_worker(rank: int, world: int, seed: int) -> dict[str, tuple[str, str]
         bad[2 * N - 1 - rank].load_state_dict(stages[2 * N - 1 - rank].state_dict())
     bad_pipe = DualPipeV((bad[rank], bad[2 * N - 1 - rank]))
     res["wrong_stage_output"] = _attempt(lambda: step(stage_pipe=bad_pipe))
+    # The same mid-schedule failure in a second step, after a good one: transfers are then single
+    # messages of the cached size, and the aborts must take their place size for size.
+    bad = make_stages(seed, 2 * N)
+    if rank == N - 1:
+        bad[2 * N - 1 - rank] = DictStage()
+        bad[2 * N - 1 - rank].ok_calls = 2 * N + 1  # the whole first step, then one more forward
+        bad[2 * N - 1 - rank].load_state_dict(stages[2 * N - 1 - rank].state_dict())
+    bad_pipe = DualPipeV((bad[rank], bad[2 * N - 1 - rank]))
+    res["first_step_ok"] = _attempt(lambda: step(stage_pipe=bad_pipe))
+    res["wrong_output_second_step"] = _attempt(lambda: step(stage_pipe=bad_pipe))
     res["odd_dualpipe"] = _attempt(lambda: DualPipe((stages[0], stages[1])).step(num_chunks=2 * N))
     # The same pipeline still trains correctly after all of that.
     for m in pipe.module:
@@ -82,6 +94,9 @@ def test_bad_input_raises_on_every_rank_and_pipeline_recovers() -> None:
         assert kind in ("TypeError", "RuntimeError") and "must return a Tensor" in msg, (rank, res)
         if rank == world - 1:
             assert kind == "TypeError", res
+        assert res["first_step_ok"] == ("none", ""), (rank, res)
+        kind, msg = res["wrong_output_second_step"]
+        assert kind in ("TypeError", "RuntimeError") and "must return a Tensor" in msg, (rank, res)
         kind, msg = res["odd_dualpipe"]
         assert kind == "ValueError" and "even num_ranks" in msg, (rank, res)
         assert res["after_errors"] < 1e-10, (rank, res)

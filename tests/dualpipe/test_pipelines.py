@@ -246,3 +246,45 @@ def test_measured_timeline_follows_the_schedule(tmp_path) -> None:
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert len(spans) == sum(len(a) for a in sched.actions)
     assert {e["tid"] for e in spans} == set(range(world))
+
+
+def tied_worker(rank: int, world: int, seed: int) -> float:
+    """DualPipe whose first and last stages share one weight (like an embedding tied to an MTP
+    head): ranks 0 and N-1 hold both stages, so that weight appears in both of their modules."""
+    import copy
+
+    N = world
+    stages = make_stages(seed, N)
+    stages[N - 1].lin.weight = stages[0].lin.weight  # one Parameter in two stages
+    pipe = DualPipe((stages[rank], stages[N - 1 - rank]))
+    chunks, batch, half = 2 * N, 4 * N + 1, N
+    x0, y0 = _data(seed, batch)
+    x1, y1 = _data(seed + 1, batch)
+    if rank == 0:
+        pipe.step(x0, num_chunks=chunks, criterion=criterion, labels=(y1,))
+    elif rank == N - 1:
+        pipe.step(x1, num_chunks=chunks, criterion=criterion, labels=(y0,))
+    else:
+        pipe.step(num_chunks=chunks)
+    sum_mirror_grads(pipe)
+    # Reference: one deepcopy of the whole list keeps the tie, so the shared weight's gradient
+    # is the sum over both stages and all micro-batches.
+    ref = copy.deepcopy(stages)
+    for m in ref:
+        m.zero_grad(set_to_none=True)
+    xs = list(torch.tensor_split(x0, half)) + list(torch.tensor_split(x1, half))
+    ys = list(torch.tensor_split(y0, half)) + list(torch.tensor_split(y1, half))
+    for x, y in zip(xs, ys, strict=True):
+        h = x
+        for s in ref:
+            h = s(h)
+        criterion(h, y).backward()
+    pairs = [(p.grad, q.grad) for i in (rank, N - 1 - rank)
+             for p, q in zip(stages[i].parameters(), ref[i].parameters(), strict=True)]
+    return _worst(pairs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sum_mirror_grads_counts_a_tied_parameter_once(world: int) -> None:
+    for rank, d in enumerate(run_distributed(tied_worker, world, _seed(), timeout=60)):
+        assert d < TOL, f"rank {rank}: calc_diff {d}"
