@@ -1,53 +1,124 @@
 #!/usr/bin/env bash
-# The one script a lent GPU machine runs: build ops._C with CUDA, run every CUDA test and the
-# CUDA benchmarks, and write the results into the directory given as the argument.
+# The one script a lent GPU machine runs: build ops._C with CUDA, run EVERY CUDA test
+# (`pytest tests -m cuda`) and EVERY CUDA benchmark (`pytest bench -m cuda`: casts, GEMMs against
+# torch._scaled_mm and BF16 matmul, the GPU's matmul and copy ceilings, the 1B-class MFU preset
+# launch/configs/bench_gpu.toml), render the benchmark report, and write one summary file.
 #
-#   bash bench/gpu_check.sh RESULTS_DIR
+#   bash bench/gpu_check.sh [--dry-run] [OUT_DIR]
+#
+# OUT_DIR defaults to bench/results/gpu-<gpu name>-<date>/. The results file to read and commit
+# is OUT_DIR/gpu_check.md (machine, build, test and benchmark outcome, ratio table); beside it:
+# report.md + PNGs (python -m bench.report), cuda_bench.json, cuda_tests.xml, cuda_bench.xml,
+# gpu_check.log, build.log.
 #
 # Made for the device machine's own python3 (3.12) and torch (2.11, CUDA 13) with no installs:
-# pytest, pytest-benchmark, pytest-timeout, ninja and pybind11 are already there. It budgets
-# about 5 minutes with the build, so a rerun fits a 15-minute lease.
+# pytest, pytest-benchmark, pytest-timeout, ninja and pybind11 are there (matplotlib may not be:
+# the report then has tables only). Budget: about 5 minutes with the build; each step has a hard
+# cap (build 240 s, tests 180 s, benchmarks 180 s), so a run ends within 10 minutes whatever
+# happens and a rerun fits a 15-minute lease.
+#
+# --dry-run skips what needs a GPU (nvidia-smi, the CUDA build, the ops._C CUDA check) and runs
+# everything else as is, on the machine's existing build: the CUDA tests and benchmarks are
+# collected and skipped, the CPU ceilings are measured so that the report renders, the summary
+# is written. It checks the script itself on a CPU machine.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh RESULTS_DIR}
-mkdir -p "$out"
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if [ "$dry" = 1 ]; then
+  gpu="dry-run"
+else
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+  gpu=${gpu:-unknown-gpu}
+fi
+slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+out=${1:-bench/results/gpu-$slug-$(date -u +%Y-%m-%d)}
+mkdir -p "$out"
 summary="$out/gpu_check.md"
 status=0
+declare -A outcome
 
 step() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
-exec > >(tee "$out/gpu_check.log") 2>&1
-
-{
-  step "machine"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || status=1
-  $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || status=1
-
-  step "build (DSV3_CUDA=1)"
-  # Hopper (sm_90a) and sm_80 code, as setup.py sets; the in-place .so replaces any CPU-only one.
-  if ! DSV3_CUDA=1 MAX_JOBS=16 timeout 240 $py setup.py build_ext --inplace -q > "$out/build.log" 2>&1; then
-    echo "BUILD FAILED"; tail -40 "$out/build.log"; status=1
-  fi
-  $py -c "import ops; assert ops.built_with_cuda(); print('ops._C with CUDA kernels, CPU path', ops.cpu_isa())" || status=1
-
-  step "CUDA tests (-m cuda)"
-  timeout 150 $py -m pytest tests -m cuda -q -p no:cacheprovider -x --timeout=120 \
-    --junitxml="$out/cuda_tests.xml" || status=1
-
-  step "CUDA benchmarks (-m cuda)"
-  timeout 120 $py -m pytest bench -m cuda -q -p no:cacheprovider --benchmark-only \
-    --benchmark-max-time=0.5 --benchmark-json="$out/cuda_bench.json" --ratios-json="$out/cuda_ratios.json" || status=1
+# run NAME CAP_SECONDS CMD...: runs a step under a hard time cap and records its exit status
+run() {
+  local name=$1 cap=$2; shift 2
+  timeout "$cap" "$@"
+  local rc=$?
+  outcome[$name]=$rc
+  if [ "$rc" -eq 124 ]; then echo "!!! $name: stopped after its ${cap}s cap"; fi
+  if [ "$rc" -ne 0 ]; then status=1; fi
+  return 0
 }
+exec > >(tee "$out/gpu_check.log") 2>&1
+t0=$(date +%s)
 
+step "machine"
+if [ "$dry" = 1 ]; then
+  echo "dry run: no GPU steps"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || status=1
+fi
+$py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
+
+if [ "$dry" = 0 ]; then
+  step "build (DSV3_CUDA=1: sm_90a and sm_80 kernels, in place)"
+  run build 240 env DSV3_CUDA=1 MAX_JOBS=16 $py setup.py build_ext --inplace -q > "$out/build.log" 2>&1
+  if [ "${outcome[build]}" -ne 0 ]; then echo "BUILD FAILED"; tail -40 "$out/build.log"; fi
+  run import 60 $py -c "import ops; assert ops.built_with_cuda(), 'ops._C has no CUDA kernels'; print('ops._C with CUDA kernels; CPU path', ops.cpu_isa())"
+fi
+
+step "CUDA tests: pytest tests -m cuda (all of them, no -x)"
+run tests 180 $py -m pytest tests -m cuda -q -p no:cacheprovider -rs --timeout=120 --junitxml="$out/cuda_tests.xml"
+
+step "CUDA benchmarks: pytest bench -m cuda"
+# a dry run adds the CPU ceilings (seconds), so that the report step below runs too
+sel=(bench -m cuda)
+[ "$dry" = 1 ] && sel=(bench -m "cuda or quick" -k "cuda or (bench_ceilings and not all_to_all)" --quick)
+run bench 180 $py -m pytest "${sel[@]}" -q -p no:cacheprovider -rs --timeout=150 --benchmark-only \
+  --benchmark-max-time=0.5 --benchmark-json="$out/cuda_bench.json" --ratios-json="$out/cuda_ratios.json" \
+  --junitxml="$out/cuda_bench.xml"
+
+step "report"
+if [ -s "$out/cuda_bench.json" ] && $py -c "import json,sys; sys.exit(0 if json.load(open('$out/cuda_bench.json'))['benchmarks'] else 1)"; then
+  # --timelines "$out": the repository's PNG timelines are CPU runs, not this GPU's
+  run report 120 $py -m bench.report "$out/cuda_bench.json" --junit "$out/cuda_bench.xml" --out "$out" --timelines "$out"
+else
+  echo "no benchmark ran: no report"
+fi
+
+# the one results file: outcome of every step, the tests' and benchmarks' summaries, the ratios
+tally() {  # tests / failures / errors / skipped of a junit file
+  [ -s "$1" ] && $py - "$1" <<'PY' || echo "no result file"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print(f"{n['tests']} collected, {n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, "
+      f"{n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
+PY
+}
 {
-  echo "# GPU check, $(date -u +%Y-%m-%d)"
+  echo "# GPU check, $(date -u +%Y-%m-%d) $([ "$dry" = 1 ] && echo '(DRY RUN: no GPU steps)')"
   echo
-  echo "GPU: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+  echo "GPU: $gpu; commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)'); $(( $(date +%s) - t0 )) s in all."
   echo
+  echo "| step | exit status |"
+  echo "|---|---|"
+  for k in build import tests bench report; do
+    [ -n "${outcome[$k]+x}" ] && echo "| $k | ${outcome[$k]}$([ "${outcome[$k]}" = 124 ] && echo ' (time cap)') |"
+  done
+  echo
+  echo "CUDA tests: $(tally "$out/cuda_tests.xml")"
+  echo
+  echo "CUDA benchmarks: $(tally "$out/cuda_bench.xml")"
+  echo
+  [ -s "$out/report.md" ] && echo "Benchmark report: [report.md](report.md)" && echo
   echo '```'
-  grep -E "passed|failed|error|BUILD FAILED|ratio" "$out/gpu_check.log" | tail -60
+  grep -E "^(FAILED|ERROR|SKIPPED)|BUILD FAILED|time cap|passed|failed|^\[|^  (ours|peer|ceiling) |MFU " "$out/gpu_check.log" | tail -80
   echo '```'
 } > "$summary"
-echo "results in $out (summary: $summary)"
+echo "results: $summary"
 exit $status
