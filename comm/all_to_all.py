@@ -9,6 +9,8 @@ Public face of the ``comm`` package (import it as ``from comm import all_to_all`
 - ``all_to_all_v``: the plain variable-size, differentiable all-to-all.
 - ``permute`` / ``unpermute``: received tokens to expert-major rows aligned for the grouped
   GEMMs (``m_indices`` with -1 padding rows) and back with the top-k weighted sum.
+- ``FLOAT_DTYPES``: the float dtypes all of the above accept (float32, bfloat16, float16,
+  float64); sums run in FP32, or FP64 for float64 rows.
 
 Nothing here imports ``model/``, ``dualpipe/`` or ``launch/``.
 """
@@ -16,11 +18,13 @@ Nothing here imports ``model/``, ``dualpipe/`` or ``launch/``.
 from comm.autograd import combine, dispatch
 from comm.buffer import Buffer
 from comm.events import EventOverlap
+from comm.kernels import FLOAT_DTYPES
 from comm.layout import DispatchHandle
 from comm.permute import PermuteHandle, permute, unpermute
 from comm.primitives import CollectiveInputError, all_to_all_v
 
 __all__ = [
+    "FLOAT_DTYPES",
     "Buffer",
     "CollectiveInputError",
     "DispatchHandle",

@@ -60,7 +60,8 @@ def dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weigh
 
     Args:
         buffer: the Buffer (its group is the expert-parallel group).
-        x: [T, H] float32/bfloat16/float16.
+        x: [T, H] float32/bfloat16/float16/float64 (comm.all_to_all.FLOAT_DTYPES); float64 rows
+            move bit-exactly and their gradients are summed in float64.
         topk_idx: [T, k] int64 global expert indices (-1: none).
         topk_weights: [T, k] float32 (gradients flow to it).
         num_experts: E, divisible by the group size.

@@ -1,14 +1,20 @@
 """``Buffer``: expert-parallel dispatch and combine with DeepEP's API, on any backend.
 
 Dispatch sends each token to every rank that holds at least one of its top-k experts (once per
-rank), as raw bytes: one packed row per (token, rank) holding the payload (bf16/fp32/fp16 rows,
-or FP8 rows plus their float32 scales) and the top-k metadata made local to the receiver. One
-variable-size all-to-all moves the rows; the receiver unpacks them. Combine sends each received
-row back and sums, per token, the rows from every rank that received it, in FP32.
+rank), as raw bytes. After one small all-to-all of row counts (which also carries every rank's
+error flag), two variable-size all-to-alls run concurrently: a small "side" message of packed
+rows (the FP8 scales, and the top-k made local to the receiver) and the main payload (the
+fp32/bf16/fp16/fp64 rows, or the FP8 rows), whose receive buffer IS the returned recv_x: no
+unpack copy. The receiver counts its tokens per expert from the top-k it received, so no
+per-expert count exchange is needed. Combine sends each received row back straight from the
+caller's x (its rows are already in the order the reverse exchange needs) and sums, per token,
+the rows from every rank that received it, in FP32 (FP64 for float64 rows).
 
-Cost model (CPU, gloo): communication runs ~25x slower than a local copy, so the pack/unpack
-copies are cheap next to the transfer; the extra small collectives (counts, error agreement)
-cost one round trip each.
+Cost model (CPU, gloo, measured in bench/bench_comm.py): the transfer dominates once the buffers
+are right. What used to dominate was first-touch page faults of freshly allocated 60 MB
+buffers (several times the cost of the copy that fills them): send and reverse-receive buffers
+now come from a reused pool and returned tensors get huge pages (comm/memory.py). Every small
+collective costs one round trip, so there are as few as the API allows.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from comm import kernels
+from comm import kernels, memory
 from comm.events import EventOverlap, wait_previous
 from comm.layout import DispatchHandle, check_topk, new_owner_id
 from comm.primitives import agree_no_error, exchange_counts, launch_all_to_all
-from ops.checks import FLOAT_INPUT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
+from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
 
 __all__ = ["Buffer"]
 
@@ -28,7 +34,8 @@ _INPUT_ERRORS = (TypeError, ValueError, RuntimeError)
 
 
 def _payload_parts(x: object) -> list[torch.Tensor]:
-    """x [T, H] float tensor, or (x_fp8 [T, H] e4m3, scales [T, ceil(H/128)] float32) -> rows to move."""
+    """x [T, H] float tensor (kernels.FLOAT_DTYPES), or (x_fp8 [T, H] e4m3, scales [T, ceil(H/128)]
+    float32) -> rows to move."""
     if isinstance(x, tuple):
         if len(x) != 2:
             raise ValueError(f"an FP8 x must be a (x_fp8, scales) pair, got a tuple of {len(x)}")
@@ -43,7 +50,7 @@ def _payload_parts(x: object) -> list[torch.Tensor]:
             raise ValueError("x must have at least one column")
         return [q.contiguous(), sf.contiguous()]
     x = check_tensor("x", x)
-    check_dtype("x", x, FLOAT_INPUT_DTYPES)
+    check_dtype("x", x, kernels.FLOAT_DTYPES)
     check_dim("x", x, 2)
     if x.shape[1] == 0:
         raise ValueError("x must have at least one column")
@@ -125,7 +132,7 @@ class Buffer:
         """Sends each token to the ranks holding its experts.
 
         Args:
-            x: [T, H] float32/bfloat16/float16, or (x_fp8 [T, H] float8_e4m3fn, scales
+            x: [T, H] float32/bfloat16/float16/float64, or (x_fp8 [T, H] float8_e4m3fn, scales
                 [T, ceil(H/128)] float32, any strides).
             handle: from an earlier dispatch: repeat its layout (x may differ in H and dtype).
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: get_dispatch_layout's
@@ -137,7 +144,9 @@ class Buffer:
             previous_event: finished before starting.
             async_finish: return before the data arrives; the returned tensors hold their values
                 after ``event.current_stream_wait()``. (The count exchange that sizes the receive
-                buffers is synchronous, as in DeepEP's normal mode; with a handle nothing is.)
+                buffers and the small top-k message that num_recv_tokens_per_expert_list is
+                counted from are synchronous, as in DeepEP's normal mode; the payload is not.
+                With a handle nothing is.)
             allocate_on_comm_stream: accepted for compatibility.
             num_experts: E when num_tokens_per_expert is not given.
 
@@ -181,8 +190,14 @@ class Buffer:
             if is_token_in_rank is not None and not torch.equal(check_tensor("is_token_in_rank", is_token_in_rank), in_rank):
                 raise ValueError("is_token_in_rank does not match topk_idx (pass get_dispatch_layout's output for "
                                  "this topk_idx)")
-            if num_tokens_per_rank is not None and not torch.equal(num_tokens_per_rank.to(per_rank.dtype), per_rank):
+            if num_tokens_per_rank is not None and not torch.equal(
+                    check_tensor("num_tokens_per_rank", num_tokens_per_rank).to(per_rank.device, per_rank.dtype),
+                    per_rank):
                 raise ValueError("num_tokens_per_rank does not match topk_idx")
+            if num_tokens_per_expert is not None and not torch.equal(
+                    check_tensor("num_tokens_per_expert", num_tokens_per_expert).to(per_expert.device, per_expert.dtype),
+                    per_expert):
+                raise ValueError("num_tokens_per_expert does not match topk_idx")
         except _INPUT_ERRORS as err:
             error = err
         # Everyone exchanges counts (and error flags): rank r learns how many rows each peer sends.
@@ -194,47 +209,81 @@ class Buffer:
             return self._node.dispatch(x, parts, topk_idx, topk_weights, num_experts, in_rank, expert_alignment,
                                        async_finish)
         experts_per_rank = num_experts // self.group_size
-        per_expert_recv = torch.empty((self.group_size, experts_per_rank), dtype=torch.int64, device=self._count_device)
-        dist.all_to_all_single(per_expert_recv, per_expert.view(self.group_size, experts_per_rank).to(per_expert_recv),
-                               group=self.group)
-        align = expert_alignment
-        counts_list = [-(-c // align) * align for c in per_expert_recv.sum(0).tolist()]
-
         weights = (topk_weights.contiguous() if topk_weights is not None
                    else torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device))
-        send_splits = tuple(in_rank.sum(0).tolist())
+        send_splits = tuple(send_counts[:, 0].tolist())
         recv_splits = tuple(recv_counts[:, 0].tolist())
         recv_parts, event, send_pos = self._move(parts, in_rank, send_splits, recv_splits, topk_idx, weights,
-                                                 experts_per_rank, async_finish)
+                                                 experts_per_rank, async_finish, wait_side=True)
         handle = DispatchHandle(self._owner, self.group_size, parts[0].shape[0], sum(recv_splits), in_rank, send_pos,
                                 send_splits, recv_splits)
         recv_x = self._form(x, recv_parts[: len(parts)])
         recv_idx, recv_w = recv_parts[len(parts):]
+        # Tokens per local expert, counted from the received top-k (each (token, expert) pair arrives
+        # exactly once): the same numbers the senders' num_tokens_per_expert add up to.
+        per_expert_recv = torch.bincount(recv_idx[recv_idx >= 0], minlength=experts_per_rank)
+        align = expert_alignment
+        counts_list = [-(-c // align) * align for c in per_expert_recv.tolist()]
         return recv_x, recv_idx, (recv_w if topk_weights is not None else None), counts_list, handle, event
 
     def _move(self, parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
               recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
               experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None = None,
-              expert_base: int = 0):
-        """Packs rows by destination, exchanges them, and (now, or at the event's wait) unpacks them.
+              expert_base: int = 0, wait_side: bool = False):
+        """Sends row t of every part to each rank r with in_rank[t, r]; what arrives is ordered by
+        source rank, then source row.
+
+        Two all-to-alls run concurrently: first the small side message (parts[1:], e.g. FP8 scales,
+        and with topk_idx the top-k made local to each receiver, packed into rows and unpacked on
+        arrival), then parts[0], packed into a pooled send buffer and received straight into the
+        tensor returned. With ``wait_side`` the side message has arrived when this returns (the
+        caller needs the received top-k now); the main payload completes at the event.
 
         Returns (received parts [+ recv_topk_idx, recv_topk_weights], event, send_pos [T, R])."""
         group = self.group if group is None else group
-        send_buf, send_pos = kernels.pack(parts, in_rank, topk_idx, topk_weights, experts_per_rank, expert_base)
-        n = sum(recv_splits)
         device = parts[0].device
-        recv_buf = torch.empty((n, send_buf.shape[1]), dtype=torch.uint8, device=device)
-        outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in parts]
+        n, s = sum(recv_splits), sum(send_splits)
+        send_pos = kernels.send_positions(in_rank)
+        works, finish = [], []
+
+        side, k = parts[1:], (topk_idx.shape[1] if topk_idx is not None else 0)
+        side_outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in side]
         if topk_idx is not None:
-            k = topk_idx.shape[1]
-            outs += [torch.empty((n, k), dtype=torch.int64, device=device),
-                     torch.empty((n, k), dtype=torch.float32, device=device)]
-        work = launch_all_to_all(recv_buf, send_buf, recv_splits, send_splits, group, async_finish)
-        event = EventOverlap([work], [lambda: kernels.unpack_into(recv_buf, outs)])
+            side_outs += [torch.empty((n, k), dtype=torch.int64, device=device),
+                          torch.empty((n, k), dtype=torch.float32, device=device)]
+        side_width = kernels.row_bytes(side, k)
+        side_work = None
+        if side_width:
+            send_side = torch.empty((s, side_width), dtype=torch.uint8, device=device)
+            kernels.pack_into(send_side, side, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base)
+            recv_side = torch.empty((n, side_width), dtype=torch.uint8, device=device)
+            side_work = launch_all_to_all(recv_side, send_side, recv_splits, send_splits, group, async_op=True)
+
+        main = parts[0]
+        width = main.shape[1] * main.element_size()
+        send_bytes, release = memory.scratch(s * width, device)
+        send_main = send_bytes.view(s, width)
+        kernels.pack_into(send_main, [main], send_pos)
+        recv_main = memory.empty((n, main.shape[1]), main.dtype, device)
+        works.append(launch_all_to_all(kernels.as_bytes(recv_main), send_main, recv_splits, send_splits, group,
+                                       async_op=True))
+        finish.append(release)  # once the main exchange has finished reading the send buffer
+
+        if side_work is not None:
+            def unpack_side() -> None:
+                kernels.unpack_into(recv_side, side_outs)
+
+            if wait_side:
+                side_work.wait()
+                unpack_side()
+            else:
+                works.append(side_work)
+                finish.append(unpack_side)
+        event = EventOverlap(works, finish)
         if not async_finish:
             event.current_stream_wait()
             event = EventOverlap()
-        return outs, event, send_pos
+        return [recv_main, *side_outs], event, send_pos
 
     @staticmethod
     def _form(x: object, parts: list[torch.Tensor]):
@@ -265,12 +314,13 @@ class Buffer:
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: torch.Tensor | None = None,
                 previous_event: EventOverlap | None = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False):
-        """Sends each received row back to its source rank and sums them per token (FP32).
+        """Sends each received row back to its source rank and sums them per token (FP32; FP64 for
+        float64 x).
 
         No weights are applied: each rank sends back its already-weighted partial result.
 
         Args:
-            x: [N, H] float32/bfloat16/float16, one row per received token (dispatch's order).
+            x: [N, H] float32/bfloat16/float16/float64, one row per received token (dispatch's order).
             handle: the dispatch's handle.
             topk_weights: [N, k] float32 or None; summed the same way.
             previous_event, async_finish, allocate_on_comm_stream: as in dispatch.
@@ -283,7 +333,7 @@ class Buffer:
         error = None
         try:
             x = check_tensor("x", x)
-            check_dtype("x", x, FLOAT_INPUT_DTYPES)
+            check_dtype("x", x, kernels.FLOAT_DTYPES)
             check_dim("x", x, 2)
             self._check_handle(handle, x.shape[0], "x", recv_side=True)
             if topk_weights is not None:
@@ -305,18 +355,27 @@ class Buffer:
 
     @staticmethod
     def _send_back(tensors, send_pos, send_splits, recv_splits, num_tokens, group, async_finish):
-        """The reverse exchange of each tensor in ``tensors`` (None stays None) and the per-token
-        FP32 sum of the rows that come back. Returns (*sums, event)."""
+        """The reverse exchange of each tensor in ``tensors`` (None stays None), all launched
+        together, and the per-token sum of the rows that come back (FP32; FP64 for float64).
+        The rows are sent straight from the tensors (already in the exchange's order); they come
+        back into pooled buffers. Returns (*sums, event)."""
         works, finish, results = [], [], []
+        s = sum(send_splits)
         for t in tensors:
             if t is None:
                 results.append(None)
                 continue
             t = t.contiguous()
-            back = t.new_empty((sum(send_splits), t.shape[1]))
-            works.append(launch_all_to_all(back, t, send_splits, recv_splits, group, async_finish))
-            out = t.new_empty((num_tokens, t.shape[1]))
-            finish.append(lambda back=back, out=out: kernels.combine_reduce_into(back, send_pos, out))
+            back_bytes, release = memory.scratch(s * t.shape[1] * t.element_size(), t.device)
+            back = back_bytes.view(t.dtype).view(s, t.shape[1])
+            works.append(launch_all_to_all(back, t, send_splits, recv_splits, group, async_op=True))
+            out = memory.empty((num_tokens, t.shape[1]), t.dtype, t.device)
+
+            def reduce(back=back, out=out, release=release) -> None:
+                kernels.combine_reduce_into(back, send_pos, out)
+                release()
+
+            finish.append(reduce)
             results.append(out)
         event = EventOverlap(works, finish)
         if not async_finish:

@@ -11,7 +11,13 @@ import torch
 
 from ops._native import native
 
-__all__ = ["as_bytes", "combine_reduce_into", "dispatch_layout", "pack", "permute", "unpack_into", "unpermute"]
+__all__ = ["FLOAT_DTYPES", "as_bytes", "combine_reduce_into", "dispatch_layout", "pack", "pack_into", "permute",
+           "row_bytes", "send_positions", "unpack_into", "unpermute"]
+
+# Float dtypes of the rows dispatch/combine/permute accept (the kernels that sum rows dispatch over
+# exactly these: csrc/comm/comm_checks.h). Sums run in FP32, or in FP64 for float64 rows. This is
+# comm's own list: ops.checks.FLOAT_INPUT_DTYPES (the FP8 cast and GEMM inputs) has no float64.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -29,6 +35,32 @@ def dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, ra
     return native.moe_dispatch_layout(topk_idx, num_experts, num_ranks, ranks_per_node)
 
 
+def send_positions(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """send_pos [T, R] int64: the send-buffer row of each (token, rank), rank-major then token;
+    -1 where the token does not go to that rank."""
+    return native.moe_send_positions(is_token_in_rank)
+
+
+def pack_into(
+    out: torch.Tensor,
+    payloads: list[torch.Tensor],
+    send_pos: torch.Tensor,
+    topk_idx: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    experts_per_rank: int = 1,
+    expert_base: int = 0,
+) -> None:
+    """Writes row send_pos[t, r] of out (uint8 [S, row_bytes]) for every sent (token, rank): the
+    payloads' bytes, then (with top-k) k local int64 expert indices and k float32 weights."""
+    native.moe_dispatch_pack([as_bytes(p) for p in payloads], send_pos, topk_idx, topk_weights, experts_per_rank,
+                             expert_base, out)
+
+
+def row_bytes(payloads: list[torch.Tensor], k: int) -> int:
+    """Bytes per packed row: the payloads' bytes plus 12 per top-k slot (int64 index, float32 weight)."""
+    return sum(p.shape[1] * p.element_size() for p in payloads) + 12 * k
+
+
 def pack(
     payloads: list[torch.Tensor],
     is_token_in_rank: torch.Tensor,
@@ -38,8 +70,11 @@ def pack(
     expert_base: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Send buffer uint8 [S, row_bytes] (rows by destination rank, then token) and send_pos [T, R]."""
-    return native.moe_dispatch_pack([as_bytes(p) for p in payloads], is_token_in_rank, topk_idx, topk_weights,
-                                    experts_per_rank, expert_base)
+    send_pos = send_positions(is_token_in_rank)
+    k = topk_idx.shape[1] if topk_idx is not None else 0
+    out = is_token_in_rank.new_empty((int(is_token_in_rank.sum()), row_bytes(payloads, k)), dtype=torch.uint8)
+    pack_into(out, payloads, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base)
+    return out, send_pos
 
 
 def unpack_into(buf: torch.Tensor, outs: list[torch.Tensor]) -> None:
@@ -48,7 +83,7 @@ def unpack_into(buf: torch.Tensor, outs: list[torch.Tensor]) -> None:
 
 
 def combine_reduce_into(recv: torch.Tensor, send_pos: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t] = sum over r of recv[send_pos[t, r]] (FP32 accumulation, rank order)."""
+    """out[t] = sum over r of recv[send_pos[t, r]] (rank order; FP32 accumulation, FP64 for float64)."""
     native.moe_combine_reduce(recv, send_pos, out)
 
 
@@ -60,7 +95,7 @@ def permute(payloads: list[torch.Tensor], topk_idx: torch.Tensor, num_local_expe
 
 
 def unpermute(y: torch.Tensor, row_pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """out[n] = sum_j weights[n, j] * y[row_pos[n, j]] (FP32 accumulation)."""
+    """out[n] = sum_j weights[n, j] * y[row_pos[n, j]] (FP32 accumulation, FP64 for float64 y)."""
     return native.moe_unpermute(y, row_pos, weights)
 
 
@@ -72,13 +107,14 @@ def _layout_fake(topk_idx, num_experts, num_ranks, ranks_per_node):
             topk_idx.new_empty((num_experts,), **i32), topk_idx.new_empty((t, num_ranks), dtype=torch.bool))
 
 
+@torch.library.register_fake("dsv3::moe_send_positions")
+def _send_positions_fake(is_token_in_rank):
+    return is_token_in_rank.new_empty(is_token_in_rank.shape, dtype=torch.int64)
+
+
 @torch.library.register_fake("dsv3::moe_dispatch_pack")
-def _pack_fake(payloads, is_token_in_rank, topk_idx, topk_weights, experts_per_rank, expert_base):
-    ctx = torch.library.get_ctx()
-    rows = ctx.new_dynamic_size()
-    width = sum(p.shape[1] for p in payloads) + (topk_idx.shape[1] * 12 if topk_idx is not None else 0)
-    return (is_token_in_rank.new_empty((rows, width), dtype=torch.uint8),
-            is_token_in_rank.new_empty(is_token_in_rank.shape, dtype=torch.int64))
+def _pack_fake(payloads, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base, out):
+    return None
 
 
 @torch.library.register_fake("dsv3::moe_unpack_rows")

@@ -4,7 +4,8 @@
 expert's segment (segments in expert order, rows in token order, each padded with zero rows to a
 multiple of ``alignment``) and returns ``m_indices`` [M] int32 naming each row's expert, -1 for
 padding: the layout ``m_grouped_fp8_gemm_nt_contiguous`` consumes. ``unpermute`` maps the expert
-outputs back, out[n] = sum_j weights[n, j] * y[row of (n, j)], accumulated in FP32 - the
+outputs back, out[n] = sum_j weights[n, j] * y[row of (n, j)], accumulated in FP32 (FP64 for
+float64 y) - the
 weighted partial sum each rank sends to ``combine``. Both are differentiable (float inputs).
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from comm import kernels
-from ops.checks import FLOAT_INPUT_DTYPES, check_dim, check_dtype, check_positive_int, check_tensor
+from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
 
 __all__ = ["PermuteHandle", "permute", "unpermute"]
 
@@ -56,18 +57,19 @@ class _Unpermute(torch.autograd.Function):
         y, weights, row_pos = ctx.saved_tensors
         valid = row_pos >= 0
         rows = row_pos[valid]  # [V]
-        g = grad.float()
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32  # as the forward's sum
+        g = grad.to(acc)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
             # dy[row of (n, j)] = w[n, j] * grad[n]; padding rows get zero.
-            gy = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
-            gy[rows] = weights.float()[valid].unsqueeze(1) * g.unsqueeze(1).expand(-1, row_pos.shape[1], -1)[valid]
+            gy = torch.zeros(y.shape, dtype=acc, device=y.device)
+            gy[rows] = weights.to(acc)[valid].unsqueeze(1) * g.unsqueeze(1).expand(-1, row_pos.shape[1], -1)[valid]
             grad_y = gy.to(y.dtype)
         if ctx.needs_input_grad[1]:
             # dw[n, j] = <grad[n], y[row of (n, j)]>
-            gw = torch.zeros(weights.shape, dtype=torch.float32, device=y.device)
-            gw[valid] = (g.unsqueeze(1).expand(-1, row_pos.shape[1], -1)[valid] * y.float()[rows]).sum(-1)
-            grad_w = gw
+            gw = torch.zeros(weights.shape, dtype=acc, device=y.device)
+            gw[valid] = (g.unsqueeze(1).expand(-1, row_pos.shape[1], -1)[valid] * y.to(acc)[rows]).sum(-1)
+            grad_w = gw.float()  # topk_weights are float32
         return grad_y, grad_w, None
 
 
@@ -75,7 +77,7 @@ def permute(x, topk_idx: torch.Tensor, num_local_experts: int, alignment: int = 
     """Received tokens -> expert-major rows.
 
     Args:
-        x: [N, H] float32/bfloat16/float16 (differentiable), or an (x_fp8 [N, H],
+        x: [N, H] float32/bfloat16/float16/float64 (differentiable), or an (x_fp8 [N, H],
             scales [N, S] float32) pair (both permuted the same way).
         topk_idx: [N, k] int64 local expert indices (dispatch's recv_topk_idx; -1: elsewhere).
         num_local_experts: L, experts on this rank.
@@ -92,7 +94,7 @@ def permute(x, topk_idx: torch.Tensor, num_local_experts: int, alignment: int = 
         check_tensor(f"x[{i}]", p)
         check_dim(f"x[{i}]" if pair else "x", p, 2)
     if not pair:
-        check_dtype("x", parts[0], FLOAT_INPUT_DTYPES)
+        check_dtype("x", parts[0], kernels.FLOAT_DTYPES)
     topk_idx = check_tensor("topk_idx", topk_idx)
     check_dtype("topk_idx", topk_idx, (torch.int64,))
     check_dim("topk_idx", topk_idx, 2)
@@ -110,10 +112,11 @@ def permute(x, topk_idx: torch.Tensor, num_local_experts: int, alignment: int = 
 
 
 def unpermute(y: torch.Tensor, topk_weights: torch.Tensor, handle: PermuteHandle) -> torch.Tensor:
-    """Expert-major rows -> per-token weighted sums (FP32 accumulation), differentiable in y and weights.
+    """Expert-major rows -> per-token weighted sums (FP32 accumulation, FP64 for float64 y),
+    differentiable in y and weights.
 
     Args:
-        y: [M, H] float32/bfloat16/float16, the experts' outputs in permute's row order.
+        y: [M, H] float32/bfloat16/float16/float64, the experts' outputs in permute's row order.
         topk_weights: [N, k] float32 (dispatch's recv_topk_weights).
         handle: permute's handle.
 
@@ -121,7 +124,7 @@ def unpermute(y: torch.Tensor, topk_weights: torch.Tensor, handle: PermuteHandle
         [N, H] in y's dtype: sum over local slots j of topk_weights[n, j] * y[row of (n, j)].
     """
     y = check_tensor("y", y)
-    check_dtype("y", y, FLOAT_INPUT_DTYPES)
+    check_dtype("y", y, kernels.FLOAT_DTYPES)
     check_dim("y", y, 2)
     if not isinstance(handle, PermuteHandle):
         raise TypeError(f"handle must be the PermuteHandle permute returned, got {type(handle).__name__}")

@@ -1,5 +1,6 @@
-// CUDA versions of the comm kernels (same op names and results as the CPU files): layout counts,
-// send-buffer packing with top-k metadata, unpacking, the combine's FP32 reduction, and the
+// CUDA versions of the comm kernels (same op names and results as the CPU files; argument checks
+// shared through comm_checks.h): layout counts, send positions, send-buffer packing with top-k
+// metadata, unpacking, the combine's FP32 (FP64 for double) reduction, and the
 // expert-major permutation and its weighted inverse. Index bookkeeping (prefix sums, sorts) uses
 // ATen ops on the device; the kernels move rows. Simple, certainly-correct kernels first: one
 // thread block per row, threads over bytes or channels.
@@ -10,7 +11,7 @@
 
 #include <vector>
 
-#include "../common/dispatch.h"
+#include "comm_checks.h"
 
 namespace dsv3 {
 namespace {
@@ -73,7 +74,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_layout_c
 }
 
 // Row of each (token, rank): destination-major, token-minor; -1 where not sent.
-at::Tensor send_positions(const at::Tensor& in_rank) {
+at::Tensor moe_send_positions_cuda(const at::Tensor& in_rank) {
+  TORCH_CHECK(in_rank.dim() == 2 && in_rank.is_contiguous() && in_rank.scalar_type() == at::kBool,
+              "moe_send_positions: is_token_in_rank must be a contiguous bool [T, R] tensor");
+  c10::cuda::CUDAGuard guard(in_rank.device());
   auto sent = in_rank.to(at::kLong);                           // [T, R]
   auto before = sent.cumsum(0) - sent;                         // earlier tokens to the same rank
   auto per_rank = sent.sum(0);                                 // [R]
@@ -120,37 +124,23 @@ Segments make_segments(at::TensorList ts, int64_t rows, const char* what) {
   return seg;
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_dispatch_pack_cuda(at::TensorList payloads, const at::Tensor& in_rank,
-                                                          const c10::optional<at::Tensor>& topk_idx,
-                                                          const c10::optional<at::Tensor>& topk_weights,
-                                                          int64_t experts_per_rank, int64_t expert_base) {
-  TORCH_CHECK(in_rank.dim() == 2 && in_rank.is_contiguous() && in_rank.scalar_type() == at::kBool,
-              "moe_dispatch_pack: is_token_in_rank must be a contiguous bool [T, R] tensor");
-  c10::cuda::CUDAGuard guard(in_rank.device());
-  const int64_t t_count = in_rank.size(0), num_ranks = in_rank.size(1);
+void moe_dispatch_pack_cuda(at::TensorList payloads, const at::Tensor& send_pos,
+                            const c10::optional<at::Tensor>& topk_idx, const c10::optional<at::Tensor>& topk_weights,
+                            int64_t experts_per_rank, int64_t expert_base, const at::Tensor& out) {
+  const int64_t k = comm_checks::pack_args(payloads, send_pos, topk_idx, topk_weights, experts_per_rank, out);
+  c10::cuda::CUDAGuard guard(send_pos.device());
+  const int64_t t_count = send_pos.size(0), num_ranks = send_pos.size(1);
   Segments seg = make_segments(payloads, t_count, "moe_dispatch_pack");
-  int64_t row_bytes = 0;
-  for (int i = 0; i < seg.count; ++i) row_bytes += seg.width[i];
-  TORCH_CHECK(topk_idx.has_value() == topk_weights.has_value(), "moe_dispatch_pack: topk_idx and topk_weights go together");
-  const int64_t k = topk_idx.has_value() ? topk_idx->size(1) : 0;
-  if (k) {
-    TORCH_CHECK(topk_idx->is_contiguous() && topk_idx->scalar_type() == at::kLong && topk_idx->size(0) == t_count &&
-                    topk_weights->is_contiguous() && topk_weights->scalar_type() == at::kFloat &&
-                    topk_weights->sizes() == topk_idx->sizes() && experts_per_rank > 0,
-                "moe_dispatch_pack: bad topk_idx / topk_weights");
-    row_bytes += k * (sizeof(int64_t) + sizeof(float));
-  }
-  auto pos = send_positions(in_rank);
-  const int64_t total = in_rank.sum().item<int64_t>();
-  auto out = at::empty({total, row_bytes}, in_rank.options().dtype(at::kByte));
-  if (t_count > 0 && total > 0) {
-    pack_kernel<<<t_count, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        seg, pos.data_ptr<int64_t>(), num_ranks, k ? topk_idx->data_ptr<int64_t>() : nullptr,
-        k ? topk_weights->data_ptr<float>() : nullptr, k, experts_per_rank, expert_base, out.data_ptr<uint8_t>(),
-        row_bytes);
-    check_launch();
-  }
-  return {out, pos};
+  if (t_count == 0 || num_ranks == 0) return;
+  const int64_t top = send_pos.max().item<int64_t>();
+  TORCH_CHECK(top < out.size(0) && send_pos.min().item<int64_t>() >= -1, "moe_dispatch_pack: send_pos entries ",
+              "must lie in [-1, ", out.size(0), ")");
+  if (top < 0) return;
+  pack_kernel<<<t_count, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      seg, send_pos.data_ptr<int64_t>(), num_ranks, k ? topk_idx->data_ptr<int64_t>() : nullptr,
+      k ? topk_weights->data_ptr<float>() : nullptr, k, experts_per_rank, expert_base, out.data_ptr<uint8_t>(),
+      out.size(1));
+  check_launch();
 }
 
 __global__ void unpack_kernel(const uint8_t* __restrict__ in, int64_t row_bytes, Segments dst) {
@@ -176,16 +166,18 @@ void moe_unpack_rows_cuda(const at::Tensor& buf, at::TensorList outs) {
   check_launch();
 }
 
-// out[t] = sum_j w(t, j) * in[pos[t, j]] over j with pos >= 0, FP32 accumulation; w = 1 when null.
+// out[t] = sum_j w(t, j) * in[pos[t, j]] over j with pos >= 0, accumulated in opmath (FP32, FP64
+// for double); w = 1 when null.
 template <typename T>
 __global__ void gather_sum_kernel(const T* __restrict__ in, const int64_t* __restrict__ pos, const float* __restrict__ w,
                                   int64_t slots, int64_t h, T* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
   const int64_t t = blockIdx.x;
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-    float acc = 0.0f;
+    acc_t acc = acc_t(0);
     for (int64_t j = 0; j < slots; ++j) {
       const int64_t p = pos[t * slots + j];
-      if (p >= 0) acc += (w ? w[t * slots + j] : 1.0f) * static_cast<float>(in[p * h + c]);
+      if (p >= 0) acc += (w ? static_cast<acc_t>(w[t * slots + j]) : acc_t(1)) * static_cast<acc_t>(in[p * h + c]);
     }
     out[t * h + c] = static_cast<T>(acc);
   }
@@ -193,7 +185,7 @@ __global__ void gather_sum_kernel(const T* __restrict__ in, const int64_t* __res
 
 void launch_gather_sum(const at::Tensor& in, const at::Tensor& pos, const float* w, const at::Tensor& out) {
   if (out.numel() == 0) return;
-  DSV3_DISPATCH_FLOAT_INPUTS(in.scalar_type(), "moe_gather_sum", [&] {
+  DSV3_DISPATCH_COMM_FLOATS(in.scalar_type(), "moe_gather_sum", [&] {
     gather_sum_kernel<scalar_t><<<pos.size(0), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         in.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), w, pos.size(1), in.size(1), out.data_ptr<scalar_t>());
   });
@@ -201,10 +193,7 @@ void launch_gather_sum(const at::Tensor& in, const at::Tensor& pos, const float*
 }
 
 void moe_combine_reduce_cuda(const at::Tensor& recv, const at::Tensor& send_pos, const at::Tensor& out) {
-  TORCH_CHECK(recv.dim() == 2 && recv.is_contiguous() && send_pos.dim() == 2 && send_pos.is_contiguous() &&
-                  send_pos.scalar_type() == at::kLong && out.is_contiguous() && out.size(0) == send_pos.size(0) &&
-                  out.size(1) == recv.size(1) && out.scalar_type() == recv.scalar_type(),
-              "moe_combine_reduce: bad shapes");
+  comm_checks::combine_reduce_args(recv, send_pos, out);
   c10::cuda::CUDAGuard guard(recv.device());
   launch_gather_sum(recv, send_pos, nullptr, out);
 }
@@ -223,9 +212,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> moe_permute_cuda(at:
                                                                              const at::Tensor& topk_idx,
                                                                              int64_t num_local_experts,
                                                                              int64_t alignment) {
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.is_contiguous() && topk_idx.scalar_type() == at::kLong,
-              "moe_permute: topk_idx must be a contiguous int64 [N, k] tensor");
-  TORCH_CHECK(num_local_experts > 0 && alignment > 0, "moe_permute: num_local_experts and alignment must be positive");
+  comm_checks::permute_args(payloads, topk_idx, num_local_experts, alignment);
   c10::cuda::CUDAGuard guard(topk_idx.device());
   const int64_t n = topk_idx.size(0), k = topk_idx.size(1);
   auto flat = topk_idx.reshape({-1});
@@ -250,8 +237,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> moe_permute_cuda(at:
   auto m_indices = at::where(within < counts.index_select(0, seg), seg, at::full({}, -1, seg.options())).to(at::kInt);
   std::vector<at::Tensor> outs;
   for (const auto& p : payloads) {
-    TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && p.scalar_type() == at::kByte && p.size(0) == n,
-                "moe_permute: payloads must be contiguous uint8 [N, w] matrices");
     auto out = at::zeros({m, p.size(1)}, p.options());
     if (n > 0 && m > 0) {
       permute_copy_kernel<<<n, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -264,10 +249,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> moe_permute_cuda(at:
 }
 
 at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& row_pos, const at::Tensor& weights) {
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && row_pos.dim() == 2 && row_pos.is_contiguous() &&
-                  row_pos.scalar_type() == at::kLong && weights.is_contiguous() &&
-                  weights.scalar_type() == at::kFloat && weights.sizes() == row_pos.sizes(),
-              "moe_unpermute: bad shapes");
+  comm_checks::unpermute_args(y, row_pos, weights);
   c10::cuda::CUDAGuard guard(y.device());
   auto out = at::empty({row_pos.size(0), y.size(1)}, y.options());
   launch_gather_sum(y, row_pos, weights.data_ptr<float>(), out);
@@ -278,6 +260,7 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& row_pos, co
 
 TORCH_LIBRARY_IMPL(dsv3, CUDA, m) {
   m.impl("moe_dispatch_layout", &moe_dispatch_layout_cuda);
+  m.impl("moe_send_positions", &moe_send_positions_cuda);
   m.impl("moe_dispatch_pack", &moe_dispatch_pack_cuda);
   m.impl("moe_unpack_rows", &moe_unpack_rows_cuda);
   m.impl("moe_combine_reduce", &moe_combine_reduce_cuda);

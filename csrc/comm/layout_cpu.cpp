@@ -77,8 +77,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_layout_c
 TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("moe_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, int ranks_per_node) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("moe_dispatch_pack(Tensor[] payloads, Tensor is_token_in_rank, Tensor? topk_idx, Tensor? topk_weights, "
-        "int experts_per_rank, int expert_base) -> (Tensor, Tensor)");
+  m.def("moe_send_positions(Tensor is_token_in_rank) -> Tensor");
+  m.def("moe_dispatch_pack(Tensor[] payloads, Tensor send_pos, Tensor? topk_idx, Tensor? topk_weights, "
+        "int experts_per_rank, int expert_base, Tensor(a!) out) -> ()");
   m.def("moe_unpack_rows(Tensor buf, Tensor(a!)[] outs) -> ()");
   m.def("moe_combine_reduce(Tensor recv, Tensor send_pos, Tensor(a!) out) -> ()");
   m.def("moe_permute(Tensor[] payloads, Tensor topk_idx, int num_local_experts, int alignment) -> "

@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/dispatch.h"
+#include "comm_checks.h"
 
 namespace dsv3 {
 namespace {
@@ -22,13 +22,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> moe_permute_cpu(at::
                                                                             const at::Tensor& topk_idx,
                                                                             int64_t num_local_experts,
                                                                             int64_t alignment) {
-  TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.is_contiguous() && topk_idx.scalar_type() == at::kLong,
-              "moe_permute: topk_idx must be a contiguous int64 [N, k] tensor");
-  TORCH_CHECK(num_local_experts > 0 && alignment > 0, "moe_permute: num_local_experts and alignment must be positive");
+  comm_checks::permute_args(payloads, topk_idx, num_local_experts, alignment);
   const int64_t n = topk_idx.size(0), k = topk_idx.size(1), num_e = num_local_experts;
-  for (const auto& p : payloads)
-    TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && p.scalar_type() == at::kByte && p.size(0) == n,
-                "moe_permute: payloads must be contiguous uint8 [N, w] matrices");
   const int64_t* idx = topk_idx.data_ptr<int64_t>();
 
   // Segment starts: counts per expert, each rounded up to the alignment.
@@ -71,14 +66,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> moe_permute_cpu(at::
   return {outs, m_indices, row_pos};
 }
 
-// out[n] = sum_j weights[n, j] * y[row_pos[n, j]] over slots with row_pos >= 0, in FP32, in j
-// order; zero for a token with no local expert.
+// out[n] = sum_j weights[n, j] * y[row_pos[n, j]] over slots with row_pos >= 0, in j order, in
+// FP32 (FP64 for float64 y); zero for a token with no local expert.
 at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_pos, const at::Tensor& weights) {
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous(), "moe_unpermute: y must be a contiguous [M, H] tensor");
-  TORCH_CHECK(row_pos.dim() == 2 && row_pos.is_contiguous() && row_pos.scalar_type() == at::kLong,
-              "moe_unpermute: row_pos must be a contiguous int64 [N, k] tensor");
-  TORCH_CHECK(weights.is_contiguous() && weights.scalar_type() == at::kFloat && weights.sizes() == row_pos.sizes(),
-              "moe_unpermute: weights must be a contiguous float32 tensor shaped like row_pos");
+  comm_checks::unpermute_args(y, row_pos, weights);
   const int64_t m = y.size(0), h = y.size(1), n = row_pos.size(0), k = row_pos.size(1);
   const int64_t* rp = row_pos.data_ptr<int64_t>();
   for (int64_t i = 0; i < n * k; ++i)
@@ -86,20 +77,21 @@ at::Tensor moe_unpermute_cpu(const at::Tensor& y, const at::Tensor& row_pos, con
   const float* w = weights.data_ptr<float>();
   auto out = at::empty({n, h}, y.options());
   if (out.numel() == 0) return out;
-  DSV3_DISPATCH_FLOAT_INPUTS(y.scalar_type(), "moe_unpermute", [&] {
+  DSV3_DISPATCH_COMM_FLOATS(y.scalar_type(), "moe_unpermute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = y.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h * k));
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(h);
+      std::vector<acc_t> acc(h);
       for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < k; ++j) {
           const int64_t p = rp[t * k + j];
           if (p < 0) continue;
-          const float wj = w[t * k + j];
+          const acc_t wj = static_cast<acc_t>(w[t * k + j]);
           const scalar_t* row = in + p * h;
-          for (int64_t c = 0; c < h; ++c) acc[c] += wj * static_cast<float>(row[c]);
+          for (int64_t c = 0; c < h; ++c) acc[c] += wj * static_cast<acc_t>(row[c]);
         }
         for (int64_t c = 0; c < h; ++c) o[t * h + c] = static_cast<scalar_t>(acc[c]);
       }

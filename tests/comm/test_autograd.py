@@ -23,36 +23,42 @@ def _upstream(case: Case, src: int) -> torch.Tensor:
     return hashed_uniform(case.seed, src, 6, torch.arange(case.tokens[src]), case.hidden)
 
 
-def moe_rank(rank: int, world: int, case: Case) -> dict:
+def moe_rank(rank: int, world: int, case: Case, dtype: torch.dtype = torch.float32) -> dict:
     buf = all_to_all.Buffer()
     epr = case.experts_per_rank
     idx, w = make_topk(case, rank)
-    x = make_x(case, rank, torch.float32).requires_grad_()
-    wt = w.clone().requires_grad_()
-    w_local = _expert_weights(case)[rank * epr:(rank + 1) * epr].float().requires_grad_()
+    x = make_x(case, rank, dtype).requires_grad_()
+    wt = w.clone().requires_grad_()  # top-k weights are float32 in every mode (the router's dtype)
+    w_local = _expert_weights(case)[rank * epr:(rank + 1) * epr].to(dtype).requires_grad_()
 
     recv_x, recv_idx, recv_w, _, handle = all_to_all.dispatch(buf, x, idx, wt, case.num_experts)
     xp, m_indices, ph = all_to_all.permute(recv_x, recv_idx, epr, alignment=4)
-    y = torch.zeros(xp.shape[0], case.hidden)
+    y = torch.zeros(xp.shape[0], case.hidden, dtype=dtype)
     for e in range(epr):  # one linear per local expert over its segment
         rows = (m_indices == e).nonzero().flatten()
         y = y.index_put((rows,), xp[rows] @ w_local[e])
     out = all_to_all.combine(buf, all_to_all.unpermute(y, recv_w, ph), handle)
-    (out * _upstream(case, rank).float()).sum().backward()
+    assert out.dtype == dtype
+    (out * _upstream(case, rank).to(dtype)).sum().backward()
 
     # Single-process float64 reference over every rank's tokens.
     W = _expert_weights(case).requires_grad_()
     xs, ws, loss = [], [], 0.0
     for src in range(world):
         s_idx, s_w = make_topk(case, src)
-        xs.append(make_x(case, src, torch.float32).double().requires_grad_())
+        xs.append(make_x(case, src, dtype).double().requires_grad_())
         ws.append(s_w.double().requires_grad_())
         valid = s_idx >= 0
         expert_out = torch.einsum("th,tkhg->tkg", xs[-1], W[s_idx.clamp(min=0)])  # [T, k, H]
         o = (expert_out * (ws[-1] * valid).unsqueeze(-1)).sum(1)
         loss = loss + (o * _upstream(case, src)).sum()
     loss.backward()
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:  # largest error relative to the largest value
+        return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-300)) if b.numel() else 0.0
+
     return {
+        "x_rel": rel(x.grad, xs[rank].grad),
+        "experts_rel": rel(w_local.grad, W.grad[rank * epr:(rank + 1) * epr]),
         "x": ops.calc_diff(x.grad, xs[rank].grad),
         "topk_weights": ops.calc_diff(wt.grad, ws[rank].grad * (idx >= 0)),
         "experts": ops.calc_diff(w_local.grad, W.grad[rank * epr:(rank + 1) * epr]),
@@ -69,4 +75,19 @@ def test_gradients_match_single_process(world: int) -> None:
                 random.randint(1, 6), random.randint(1, 3))
     for rank, d in enumerate(run_distributed(moe_rank, world, case)):
         assert d["x"] < 1e-10 and d["topk_weights"] < 1e-10 and d["experts"] < 1e-10, (rank, d, case)
+        assert d["nonzero"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_float64_gradients_match_single_process(world: int) -> None:
+    """The whole path in float64 (rows, sums, gradients): x's and the experts' gradients agree with
+    the float64 reference to float64 rounding: largest relative error 1e-12 (an FP32 step anywhere
+    would give ~1e-7; calc_diff bottoms out at ~1e-16 so it cannot tell). The top-k weights'
+    gradients are float32 (that is their dtype), hence calc_diff there."""
+    from tests.harness.distributed import run_distributed
+
+    case = Case(random.getrandbits(40), tuple(random.randint(0, 40) for _ in range(world)), 24,
+                random.randint(1, 6), random.randint(1, 3))
+    for rank, d in enumerate(run_distributed(moe_rank, world, case, torch.float64)):
+        assert d["x_rel"] < 1e-12 and d["experts_rel"] < 1e-12 and d["topk_weights"] < 1e-10, (rank, d, case)
         assert d["nonzero"]

@@ -98,6 +98,39 @@ def check_case(rank: int, world: int, case: Case, async_finish: bool) -> dict:
     return {"n": n, "diff": diff, "diff8": diff8}
 
 
+def check_float64_case(rank: int, world: int, case: Case, async_finish: bool) -> None:
+    """float64 rows move bit for bit, and combine sums them in float64: the float64 reference adds
+    the same rows in the same order (source rank order), so the sums must be EQUAL; an FP32
+    accumulation would differ at ~1e-8 relative (calc_diff ~1e-15)."""
+    buf = all_to_all.Buffer()
+    idx, w = make_topk(case, rank)
+    x = make_x(case, rank, torch.float64)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_experts=case.num_experts, expert_alignment=case.alignment,
+        async_finish=async_finish)
+    event.current_stream_wait()
+    # whole sources, then rows: make_x's pow() may round differently for a subset of rows in float64
+    ref = reference_dispatch(case, rank, lambda s, rows: [make_x(case, s, torch.float64)[rows]])
+    assert recv_x.dtype == torch.float64 and _equal_bytes(recv_x, ref.rows[0]), "float64 recv_x differs"
+    assert torch.equal(recv_idx, ref.topk_idx) and _equal_bytes(recv_w, ref.topk_weights)
+    assert counts == ref.per_expert
+    z = make_z(case, rank, torch.arange(recv_x.shape[0]), torch.float64)
+    combined, combined_w, event = buf.combine(z, handle, topk_weights=recv_w, async_finish=async_finish)
+    event.current_stream_wait()
+    want = reference_combine(case, rank, lambda d, rows: make_z(case, d, rows, torch.float64))
+    assert combined.dtype == torch.float64 and combined.shape == want.shape
+    assert torch.equal(combined, want), f"float64 combine not summed in float64: calc_diff {ops.calc_diff(combined, want)}"
+    assert torch.equal(combined_w, torch.where(idx >= 0, w, 0.0))
+    rx2, *_, event = buf.dispatch(x * 3, handle=handle, async_finish=async_finish)
+    event.current_stream_wait()
+    assert _equal_bytes(rx2, ref.rows[0] * 3), "float64 dispatch with a handle"
+
+
+def run_float64_cases(rank: int, world: int, cases: list[Case], async_flags: list[bool]) -> None:
+    for c, a in zip(cases, async_flags, strict=True):
+        check_float64_case(rank, world, c, a)
+
+
 def run_cases(rank: int, world: int, cases: list[Case], async_flags: list[bool]) -> list[dict]:
     return [check_case(rank, world, c, a) for c, a in zip(cases, async_flags, strict=True)]
 
@@ -125,6 +158,14 @@ def test_dispatch_combine_match_reference(world: int) -> None:
     flags = [random.random() < 0.5 for _ in cases]
     results = run_distributed(run_cases, world, cases, flags, timeout=300)
     assert len(results) == world
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_float64_dispatch_exact_and_combine_in_float64(world: int) -> None:
+    cases = [c for c in sample_cases(world, 3, 512) if c.hidden != 7168]
+    cases.append(Case(random.getrandbits(40), tuple(random.randint(1, 64) for _ in range(world)), 7168,
+                      random.randint(1, 9), random.choice([1, 3, 8])))
+    run_distributed(run_float64_cases, world, cases, [random.random() < 0.5 for _ in cases], timeout=300)
 
 
 @pytest.mark.slow

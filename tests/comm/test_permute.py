@@ -32,17 +32,18 @@ def _reference_layout(idx: torch.Tensor, num_local: int, alignment: int):
 
 
 @pytest.mark.parametrize("alignment", [1, 4, 128])
-def test_permute_layout_and_fp8_bytes(alignment: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_permute_layout_and_fp8_bytes(alignment: int, dtype: torch.dtype) -> None:
     n, k, num_local, h = random.randint(0, 300), random.randint(1, 9), random.randint(1, 8), random.choice([1, 100, 256])
     idx = _routing(n, k, num_local)
-    x = randn(n, h, dtype=torch.bfloat16)
+    x = randn(n, h, dtype=dtype)
     xp, m_indices, handle = all_to_all.permute(x, idx, num_local, alignment)
     want_m, sources = _reference_layout(idx, num_local, alignment)
     assert torch.equal(m_indices, want_m)
     want = torch.stack([x[s] if s >= 0 else torch.zeros(h, dtype=x.dtype) for s in sources]) if sources \
         else torch.empty(0, h, dtype=x.dtype)
     assert torch.equal(xp, want)
-    q, sf = ops.per_token_cast_to_fp8(x)
+    q, sf = ops.per_token_cast_to_fp8(x.float())
     (qp, sfp), m8, _ = all_to_all.permute((q, sf), idx, num_local, alignment)
     assert torch.equal(m8, want_m)
     assert torch.equal(qp.view(torch.uint8), torch.stack([q[s].view(torch.uint8) if s >= 0 else
@@ -75,6 +76,14 @@ def test_unpermute_weighted_sum_and_gradients() -> None:
 
     bf = all_to_all.unpermute(y.detach().bfloat16(), w.detach(), handle)
     assert bf.dtype == torch.bfloat16 and ops.calc_diff(bf, ref) < 5e-6
+    # float64 rows are summed in float64. calc_diff cannot tell (it bottoms out at ~1e-16), so
+    # compare against the float64 sum of exactly these rows (y's float32 products, widened) by the
+    # largest relative error: ~1e-16 in float64, ~1e-7 had any step been float32.
+    f64 = all_to_all.unpermute(y.detach().double(), w.detach(), handle)
+    rows64 = (x.detach().unsqueeze(1) * scale[idx.clamp(min=0)]).double()  # [n, k, h], as y holds them
+    ref64 = (rows64 * (w.detach().double() * valid).unsqueeze(-1)).sum(1)
+    assert f64.dtype == torch.float64
+    assert float((f64 - ref64).abs().max()) <= 1e-13 * float(ref64.abs().max()), "float64 unpermute not summed in float64"
 
 
 def test_permute_rejects_bad_input() -> None:
