@@ -11,6 +11,7 @@ pipeline runs the backward, without a side channel to the loss."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -135,18 +136,69 @@ class PipelineStage(nn.Module):
     @staticmethod
     def overlapped_forward_backward(m0: PipelineStage, inputs0: Sequence[torch.Tensor], criterion0, labels0,
                                     m1: PipelineStage, loss1: torch.Tensor | None, outputs1, output_grads1):
-        """dualpipe's F&B hook: one chunk's forward on m0 and another chunk's backward on m1.
-        Runs the forward, then the backward (no interleaving yet: the EP path's dispatch and
-        combine are synchronous); the order keeps every rank's collectives in the same sequence."""
+        """dualpipe's F&B hook: one chunk's forward on m0 and another chunk's backward on m1,
+        overlapped.
+
+        The backward runs on a second thread while this thread runs the forward. Each side's
+        dispatch/combine waits (and gloo/NCCL transfers, which release the GIL) then overlap the
+        other side's compute, DeepSeek-V3's F&B pairing. That is safe only when the two sides
+        share no process group: each thread issues its own collectives in the schedule's order
+        (identical on every rank), but the interleaving BETWEEN the threads differs from rank
+        to rank, so on one shared group the ranks would pair up different collectives. Hence
+        the overlap needs m0 and m1 built with different EP group objects (two
+        `dist.new_group` calls over the same ranks, one per stage module of a rank); with one
+        shared group, or without EP (nothing to overlap), the forward runs, then the backward.
+
+        Why a thread, not an interleaving by hand: the backward of m1 is one autograd-engine run
+        (loss.backward()), which cannot be paused at a layer boundary to run a piece of m0's
+        forward; interleaving on one thread would need every layer's graph cut at its
+        dispatch/combine (detached segments, backward run segment by segment), a different
+        stage structure. The inputs of m1 are detached leaves (dualpipe's executor detaches
+        stage boundaries), so m1's backward never enters m0's graph."""
         from dualpipe.executor import run_backward
 
-        outputs0 = m0(*inputs0)
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-        else:
-            run_backward(list(outputs1), list(output_grads1))
-        return outputs0, loss0
+        def backward() -> None:
+            if loss1 is not None:
+                loss1.backward()
+            else:
+                run_backward(list(outputs1), list(output_grads1))
+
+        def forward():
+            outputs0 = m0(*inputs0)
+            return outputs0, (criterion0(*outputs0, *labels0) if criterion0 is not None else None)
+
+        if not can_overlap(m0, m1):
+            result = forward()
+            backward()
+            return result
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                backward()
+            except BaseException as e:  # re-raised on the calling thread
+                errors.append(e)
+
+        worker = threading.Thread(target=run, name="dsv3-overlapped-backward")
+        worker.start()
+        try:
+            result = forward()
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
+        return result
+
+
+def _ep_groups(m: nn.Module) -> set[int]:
+    return {id(moe.ep_group) for moe in m.modules() if isinstance(moe, MoE) and moe.ep_group is not None}
+
+
+def can_overlap(m0: nn.Module, m1: nn.Module) -> bool:
+    """Whether `overlapped_forward_backward` runs m1's backward concurrently with m0's forward:
+    both are distinct modules with expert-parallel MoE layers, and they share no EP group."""
+    g0, g1 = _ep_groups(m0), _ep_groups(m1)
+    return m0 is not m1 and bool(g0) and bool(g1) and not (g0 & g1)
 
 
 class StageCriterion:

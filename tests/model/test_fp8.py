@@ -54,11 +54,19 @@ def test_fp8_forward_and_gradients_are_close_to_float32() -> None:
 
 
 def _train(args: ModelArgs, steps: int, seed: int) -> float:
+    """Mean main loss of the last 100 of `steps` AdamW steps on a learnable stream (the loss
+    plateaus by step ~150; two numerically different but equivalent runs, e.g. float32 against
+    bf16, differed by up to 0.6% on a last-20 mean, so 100 steps keep the 1% check from
+    judging that wiggle). The optimizer keeps FP32 master weights and copies them into the
+    model's parameters after each step, as launch/optim.py does for a bf16 model (for a float32
+    model that is the plain update)."""
     torch.manual_seed(seed)
     model = Transformer(args)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    params = list(model.parameters())
+    master = [p.detach().float().clone().requires_grad_() for p in params]
+    opt = torch.optim.AdamW(master, lr=3e-3)
     # a learnable stream: a fixed random order-1 Markov chain over 16 byte values with 2
-    # successors each (entropy ln 2 = 0.69 nats per token once learned)
+    # successors each (at most ln 2 = 0.69 nats per token once learned)
     g = torch.Generator().manual_seed(seed)
     states = torch.randperm(256, generator=g)[:16]
     succ = torch.randint(0, 16, (16, 2), generator=g)
@@ -69,23 +77,31 @@ def _train(args: ModelArgs, steps: int, seed: int) -> float:
             idx.append(succ[idx[-1], torch.randint(0, 2, (8,), generator=g)])
         batch = states[torch.stack(idx, dim=1)]  # [8, 33]
         loss, metrics = model.compute_loss(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
-        opt.zero_grad()
+        model.zero_grad(set_to_none=True)
         loss.backward()
+        for m, p in zip(master, params, strict=True):
+            m.grad = p.grad.float()
         opt.step()
+        with torch.no_grad():
+            for m, p in zip(master, params, strict=True):
+                p.copy_(m)
         model.update_expert_bias()
         losses.append(metrics["main_loss"])
-    return sum(losses[-20:]) / 20
+    return sum(losses[-100:]) / 100
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_fp8_training_tracks_high_precision() -> None:
-    # issue 6: the tiny preset trained 300 steps in FP8 reaches a loss within 1% of the
-    # high-precision run. The baseline is float32: a bf16-autocast run of the same model did not
-    # learn this task in 300 steps (loss 2.4 against 0.67), which is under investigation.
+def test_fp8_training_tracks_bf16() -> None:
+    # issue 6: the tiny preset trained 300 steps in FP8 reaches a loss within 1% of the BF16
+    # run. Both runs as the trainer runs them: bf16 parameters, FP32 master weights; FP8 mode
+    # adds the FP8 GEMMs (DeepSeek-V3 report 3.3 reports < 0.25% relative loss error).
+    # (An earlier note that a bf16 run "did not learn" compared bf16 on a harder task, 256
+    # states x 4 successors, with float32 on this one. Measured on either task, float32, bf16
+    # autocast and bf16 parameters reach the same 300-step loss within 0.2%.)
     seed = torch.randint(0, 2**31, ()).item()
-    args = ModelArgs.preset("tiny", dtype="float32", n_mtp_layers=0)
-    ref = _train(args, 300, seed)
+    args = ModelArgs.preset("tiny", dtype="bfloat16", n_mtp_layers=0)
+    bf16 = _train(args, 300, seed)
     fp8 = _train(args.replace(fp8=True), 300, seed)
-    assert ref < 1.0  # it learned (ln 256 = 5.5 at the start, ln 2 = 0.69 is the floor)
-    assert abs(fp8 - ref) / ref < 0.01, (fp8, ref)
+    assert bf16 < 1.0  # it learned (ln 256 = 5.5 at the start, ln 2 = 0.69 bounds the floor)
+    assert abs(fp8 - bf16) / bf16 < 0.01, (fp8, bf16)
