@@ -2,6 +2,9 @@
 // pragma covers only this file; gemm_cpu.cpp calls these only when cpuid allows.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "gemm_kernels.h"
 
 #pragma GCC target("avx2,fma,f16c")
@@ -31,43 +34,175 @@ void convert_avx2(const uint8_t* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = e4m3_to_float_div256(src[i]);
 }
 
-template <int MR, int NR>
-void tile_avx2(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t len8, const float* scale, float* tot,
-               int64_t tot_rs) {
-  __m256 acc[MR][NR];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < len8; k += 8) {
-    __m256 bv[NR];
-#pragma GCC unroll 3
-    for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * ldb + k);
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_loadu_ps(a + i * lda + k);
-#pragma GCC unroll 3
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+// 8 e4m3 bytes -> 8 fp32 (value / 256), exact, NaN kept (the same bit moves as above).
+inline __m256 e4m3x8_to_f32(const uint8_t* p) {
+  const __m128i x = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i mag = _mm_and_si128(x, _mm_set1_epi16(0x7F));
+  const __m128i sign = _mm_slli_epi16(_mm_and_si128(x, _mm_set1_epi16(0x80)), 8);
+  const __m128i nan = _mm_and_si128(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7E00));
+  return _mm256_cvtph_ps(_mm_or_si128(_mm_or_si128(sign, _mm_slli_epi16(mag, 7)), nan));
+}
+
+// In-register transpose of 8 x 8 floats.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Decodes 8 x 8 blocks (8 rows, 8 K columns) and transposes them in registers into the panel.
+void pack_b_avx2(const uint8_t* src, int64_t ld, int rows, int64_t k0, int64_t len, float* dst) {
+  const int64_t full = len & ~int64_t{7};
+  for (int64_t kk = 0; kk < full; kk += 8)
+    for (int h = 0; h < kNr; h += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = h + i < rows ? e4m3x8_to_f32(src + (h + i) * ld + k0 + kk) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(dst + (kk + t) * kNr + h, r[t]);
+    }
+  for (int64_t kk = full; kk < len; ++kk)
+    for (int r = 0; r < kNr; ++r) dst[kk * kNr + r] = r < rows ? e4m3_to_float_div256(src[r * ld + k0 + kk]) : 0.0f;
+}
+
+// The packed 6 x 16 micro-kernel: per K step, two B vectors times six broadcast A values into
+// 12 accumulators (12 FMAs for 8 loads); at each block end the partials are promoted into C.
+void micro_avx2(const float* ap, int64_t lda, const float* bp, int64_t k0, int64_t k1, const float* asc,
+                const float* bsc, float* c, int64_t ldc) {
+  static_assert(kMr == 6 && kNr == 16, "micro_avx2 is written for 6 x 16 tiles");
+  for (int64_t b0 = k0; b0 < k1; b0 += kBlockK) {
+    const int64_t len = std::min(kBlockK, k1 - b0);
+    __m256 acc[kMr][2];
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < len; ++k, ++ap, bp += kNr) {
+      const __m256 bv0 = _mm256_loadu_ps(bp), bv1 = _mm256_loadu_ps(bp + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < kMr; ++i) {
+        const __m256 av = _mm256_broadcast_ss(ap + i * lda);
+        acc[i][0] = _mm256_fmadd_ps(av, bv0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(av, bv1, acc[i][1]);
+      }
+    }
+    const int64_t kb = b0 / kBlockK;
+    const __m256 bs0 = _mm256_loadu_ps(bsc + kb * kNr), bs1 = _mm256_loadu_ps(bsc + kb * kNr + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < kMr; ++i) {
+      const __m256 s = _mm256_broadcast_ss(asc + kb * kMr + i);
+      float* ci = c + i * ldc;
+      _mm256_storeu_ps(ci, _mm256_fmadd_ps(acc[i][0], _mm256_mul_ps(s, bs0), _mm256_loadu_ps(ci)));
+      _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(acc[i][1], _mm256_mul_ps(s, bs1), _mm256_loadu_ps(ci + 8)));
     }
   }
-#pragma GCC unroll 4
+}
+
+// 16 e4m3 bytes -> two vectors of 8 fp32 (value / 256) in order, without NaN handling (the
+// caller tracks NaN bytes separately): each byte becomes the high byte of a 16-bit lane, an
+// arithmetic shift by one puts exponent and mantissa into the fp16 fields while copying the
+// sign, and the mask drops the copy.
+inline void e4m3x16_to_f32_fast(__m128i x, __m256& lo, __m256& hi) {
+  const __m128i zero = _mm_setzero_si128(), mask = _mm_set1_epi16(static_cast<int16_t>(0xBF80));
+  lo = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(zero, x), 1), mask));
+  hi = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(zero, x), 1), mask));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MR rows of A against R rows of B over all of K; B bytes are decoded once per 16 and used by
+// every row of A. NaN bytes of B are tracked with one running byte maximum of |byte| and, when
+// one is seen, the affected rows are found afterwards (a rare path).
+template <int MR, int R>
+void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const uint8_t* const* b,
+               const float* const* sb, int64_t k, float* out) {
+  const __m128i m7f = _mm_set1_epi8(0x7F);
+  __m128i nan_max = _mm_setzero_si128();
+  __m256 tot[MR][R];
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NR; ++j) {
-      float* t = tot + i * tot_rs + j * kLanes;
-      _mm256_storeu_ps(t, _mm256_fmadd_ps(acc[i][j], _mm256_set1_ps(scale[i * kMaxNr + j]), _mm256_loadu_ps(t)));
+    for (int r = 0; r < R; ++r) tot[i][r] = _mm256_setzero_ps();
+  for (int64_t b0 = 0, kb = 0; b0 < k; b0 += kBlockK, ++kb) {
+    const int64_t len = std::min(kBlockK, k - b0);
+    __m256 acc[MR][R];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    auto step = [&](const __m128i* xs, int64_t kk) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m128i x = _mm_loadu_si128(xs + r);
+        nan_max = _mm_max_epu8(nan_max, _mm_and_si128(x, m7f));
+        __m256 lo, hi;
+        e4m3x16_to_f32_fast(x, lo, hi);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          const float* ai = a + i * lda + kk;
+          acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai), lo, acc[i][r]);
+          acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai + 8), hi, acc[i][r]);
+        }
+      }
+    };
+    const int64_t full = len & ~int64_t{15};
+    for (int64_t kk = b0; kk < b0 + full; kk += 16) {
+      __m128i xs[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) xs[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[r] + kk));
+      step(xs, kk);
     }
+    if (full < len) {  // the K tail: zero-padded copies (A is zero padded by the caller)
+      __m128i xs[R];
+      for (int r = 0; r < R; ++r) {
+        alignas(16) uint8_t buf[16] = {};
+        std::memcpy(buf, b[r] + b0 + full, static_cast<size_t>(len - full));
+        xs[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+      }
+      step(xs, b0 + full);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const float s_a = sa[i * ldsa + kb];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r)
+        tot[i][r] = _mm256_fmadd_ps(acc[i][r], _mm256_set1_ps(s_a * (sb[r][kb] * kDecodeScale)), tot[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < R; ++r) out[i * kGemvRows + r] = hsum(tot[i][r]);
+  if (_mm_movemask_epi8(_mm_cmpeq_epi8(nan_max, m7f)) != 0) {
+    for (int r = 0; r < R; ++r)
+      if (std::any_of(b[r], b[r] + k, is_e4m3_nan))
+        for (int i = 0; i < MR; ++i) out[i * kGemvRows + r] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+void gemv_avx2(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
+               const float* const* sb, int rows, int64_t k, float* out) {
+  // rows is 4 (mr <= 3: 12 accumulators at most) or 3; b and sb always hold kGemvRows entries.
+  using Fn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t* const*, const float* const*,
+                      int64_t, float*);
+  static constexpr Fn four[] = {&gemv_tile<1, 4>, &gemv_tile<2, 4>, &gemv_tile<3, 4>};
+  static constexpr Fn three[] = {&gemv_tile<1, 3>, &gemv_tile<2, 3>, &gemv_tile<3, 3>, &gemv_tile<4, 3>};
+  const Fn fn = rows == 4 && mr <= 3 ? four[mr - 1] : three[mr - 1];
+  fn(a, lda, sa, ldsa, b, sb, k, out);
 }
 
 }  // namespace
 
-KernelSet avx2_kernels() {
-  return {&convert_avx2,
-          {{&tile_avx2<1, 1>, &tile_avx2<1, 2>, &tile_avx2<1, 3>},
-           {&tile_avx2<2, 1>, &tile_avx2<2, 2>, &tile_avx2<2, 3>},
-           {&tile_avx2<3, 1>, &tile_avx2<3, 2>, &tile_avx2<3, 3>},
-           {&tile_avx2<4, 1>, &tile_avx2<4, 2>, &tile_avx2<4, 3>}}};
-}
+KernelSet avx2_kernels() { return {&convert_avx2, &pack_b_avx2, &micro_avx2, &gemv_avx2}; }
 
 }  // namespace gemm
 }  // namespace dsv3

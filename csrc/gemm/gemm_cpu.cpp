@@ -1,19 +1,23 @@
 // CPU FP8 GEMM driver: one blocked, multi-threaded GEMM with DeepSeek-V3's FP32 promotion per
 // 128-K block, and the four ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
 //
-// Data flow of one GEMM (A [M,K] @ B [N,K]^T):
-//   1. A is decoded once to fp32 (value / 256), rows padded with zeros (+ one cache line of skew).
-//   2. Tasks are kTileM x kTileN tiles of the output, spread over torch's thread pool. A task
-//      walks K in chunks of kChunkK: it decodes its rows of B for the chunk into a buffer that
-//      stays in L2, then for each 128-wide K block sweeps 4x3 micro-tiles (24 A rows at a time,
-//      so the A and B rows of a block stay in L1); each micro-tile promotes its FP32 partial
-//      with sa[m,kb] * sb[.,kb] * 256^2 into 8-lane running totals. With M <= kSmallM the task
-//      instead streams B one row triplet at a time (long sequential reads, A stays in L1).
-//   3. The totals' lanes are summed (+ C) and rounded once to d's dtype.
+// Two paths, sharing the building blocks of gemm_kernels.h (portable or AVX2 by cpuid):
+//   * packed (M > kGemvMaxM, compute-bound): A is decoded once per call (value / 256) into fp32
+//     rows; B, one slab of kSlabN columns at a time, into K-interleaved fp32 panels of kNr
+//     columns (8 x 8 register transposes). Tasks are kTileM x kTileN output tiles of the slab on
+//     torch's thread pool; a task walks K in chunks of kChunkK and, for each B panel chunk (kept
+//     in L1), sweeps its kMr-row groups of A (kept in L2) with the micro-kernel, which runs every
+//     128-K block of the chunk in registers and promotes each block's partial into the task's
+//     FP32 C tile with the A and B scales of the block.
+//   * GEMV (M <= kGemvMaxM, memory-bound): A is decoded once; tasks stream groups of B rows, each
+//     16-byte vector decoded once in registers and FMA'd into every row of A (B's bytes are
+//     read from memory once: half the bytes of a BF16 weight).
+// The FP32 totals (+ C) are rounded once to d's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -23,43 +27,6 @@
 
 namespace dsv3 {
 namespace gemm {
-namespace {
-
-void convert_portable(const uint8_t* src, int64_t n, float* dst) {
-  static const std::vector<float> lut = [] {
-    std::vector<float> t(256);
-    for (int v = 0; v < 256; ++v) t[v] = e4m3_to_float_div256(static_cast<uint8_t>(v));
-    return t;
-  }();
-  for (int64_t i = 0; i < n; ++i) dst[i] = lut[src[i]];
-}
-
-template <int MR, int NR>
-void tile_portable(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t len8, const float* scale,
-                   float* tot, int64_t tot_rs) {
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float lanes[kLanes] = {};
-      const float* ar = a + i * lda;
-      const float* br = b + j * ldb;
-      for (int64_t k = 0; k < len8; k += kLanes)
-        for (int l = 0; l < kLanes; ++l) lanes[l] += ar[k + l] * br[k + l];
-      float* t = tot + i * tot_rs + j * kLanes;
-      const float s = scale[i * kMaxNr + j];
-      for (int l = 0; l < kLanes; ++l) t[l] += lanes[l] * s;
-    }
-}
-
-}  // namespace
-
-KernelSet portable_kernels() {
-  return {&convert_portable,
-          {{&tile_portable<1, 1>, &tile_portable<1, 2>, &tile_portable<1, 3>},
-           {&tile_portable<2, 1>, &tile_portable<2, 2>, &tile_portable<2, 3>},
-           {&tile_portable<3, 1>, &tile_portable<3, 2>, &tile_portable<3, 3>},
-           {&tile_portable<4, 1>, &tile_portable<4, 2>, &tile_portable<4, 3>}}};
-}
-
 namespace {
 
 // One GEMM on strided views: d[m, n] = c[m, n] + sum_kb promote(A[m, kb] . B[n, kb]).
@@ -79,11 +46,14 @@ struct GemmArgs {
   void* d = nullptr;  // d[i * ldd + j], float or bf16
   int64_t ldd = 0;
   bool d_bf16 = false;
+
+  const float* sb_row(int64_t j) const { return sb + (sb_per_row ? j : j / kBlockK) * ldsb; }
 };
 
 KernelSet active_kernels() { return active_cpu_isa() >= CpuIsa::kAvx2 ? avx2_kernels() : portable_kernels(); }
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+inline int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 void store(const GemmArgs& g, int64_t i, int64_t j, float v) {
   if (g.c) v += g.c[i * g.ldc + j];
@@ -93,26 +63,131 @@ void store(const GemmArgs& g, int64_t i, int64_t j, float v) {
     static_cast<float*>(g.d)[i * g.ldd + j] = v;
 }
 
-constexpr int64_t kTileM = 96;   // output rows per task (B is decoded once per task and K chunk)
-constexpr int64_t kTileN = 24;   // output columns per task (a multiple of kMaxNr)
-constexpr int64_t kSubM = 24;    // rows per inner sweep: 24 A rows + 24 B rows of a K block fit L1
-constexpr int64_t kChunkK = 1024;  // K columns decoded per visit of a B row (prefetch-friendly runs)
-constexpr int64_t kSmallM = 8;   // up to this many rows, stream B rows one triplet at a time
-// Row strides of the decoded A and B buffers get one extra cache line: with strides that are
-// multiples of 4 KiB (K = 7168, the chunk of 1024) the 7 rows a micro-tile reads would all map
-// to one L1 set and alias each other.
+constexpr int64_t kGemvMaxM = 16;  // up to this many rows of A, the GEMV path
+constexpr int64_t kTileM = 16 * kMr;   // output rows per task: 16 A panels (96 KB per K chunk, L2)
+constexpr int64_t kTileN = 8 * kNr;    // output columns per task: 8 B panels
+constexpr int64_t kSlabN = 128 * kNr;  // B columns decoded at a time (7168 x 2048 fp32: 59 MB)
+constexpr int64_t kChunkK = 2 * kBlockK;  // K per micro-kernel call: a B panel chunk is 16 KB (L1)
+constexpr int64_t kTileLd = kTileN + 16;  // C tile row stride (+ a cache line: no 1 KiB aliasing)
+// Decoded A rows get one extra cache line of stride: with strides that are
+// multiples of 4 KiB (K = 7168) the rows would all map to one L1 set.
 constexpr int64_t kSkew = 16;
-constexpr int64_t kBufStride = kChunkK + kSkew;
 
-// Decodes rows [r0, r0 + rows) of B, columns [k0, k0 + len), into buf (row stride kBufStride),
-// zero padding each row to a multiple of 8.
-void decode_b(const KernelSet& ks, const GemmArgs& g, int64_t r0, int64_t rows, int64_t k0, int64_t len, float* buf) {
-  const int64_t len8 = round_up(len, kLanes);
-  for (int64_t j = 0; j < rows; ++j) {
-    float* row = buf + j * kBufStride;
-    ks.convert(g.b + (r0 + j) * g.ldb + k0, len, row);
-    std::fill(row + len, row + len8, 0.0f);
+float* floats(at::Tensor& t) { return t.data_ptr<float>(); }
+
+// Runs fn(t, scratch) for t in [0, n) on torch's threads, handing tasks out one at a time from a
+// shared counter: on a shared (oversubscribed) machine a descheduled thread then delays the
+// call by at most one task, where a static split would leave the others waiting for its half.
+// scratch: scratch_floats floats per worker thread.
+template <typename Fn>
+void parallel_tasks(int64_t n, int64_t scratch_floats, const Fn& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch.data());
+  });
+}
+
+// The scales of every K block of a panel of `pr` rows: scales[(p * num_kb + kb) * pr + r] =
+// scale_of(p * pr + r, kb), 0 for rows past `rows`.
+template <typename ScaleOf>
+void pack_scales(int64_t p, int64_t rows, int64_t num_kb, int pr, float* scales, ScaleOf scale_of) {
+  for (int64_t kb = 0; kb < num_kb; ++kb)
+    for (int r = 0; r < pr; ++r) {
+      const int64_t row = p * pr + r;
+      scales[(p * num_kb + kb) * pr + r] = row < rows ? scale_of(row, kb) : 0.0f;
+    }
+}
+
+void run_packed(const GemmArgs& g, const KernelSet& ks) {
+  const int64_t num_kb = cdiv(g.k, kBlockK);
+  const int64_t panels_a = cdiv(g.m, kMr), panels_b = cdiv(g.n, kNr);
+  const int64_t lda = round_up(g.k, 8) + kSkew;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // A: decoded rows (row-major; the micro-kernel broadcasts from them), zero rows up to a whole
+  // panel, and the scales of every panel and K block (B's too).
+  at::Tensor a32 = at::empty({panels_a * kMr * lda}, f32), asc = at::empty({panels_a * num_kb * kMr}, f32);
+  at::Tensor bsc = at::empty({panels_b * num_kb * kNr}, f32);
+  float *pa = floats(a32), *pas = floats(asc), *pbs = floats(bsc);
+  at::parallel_for(0, panels_a, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t i = p * kMr; i < (p + 1) * kMr; ++i)
+        if (i < g.m)
+          ks.convert(g.a + i * g.lda, g.k, pa + i * lda);
+        else
+          std::fill(pa + i * lda, pa + i * lda + g.k, 0.0f);
+      pack_scales(p, g.m, num_kb, kMr, pas, [&](int64_t i, int64_t kb) { return g.sa[i * g.ldsa + kb]; });
+    }
+  });
+  for (int64_t p = 0; p < panels_b; ++p)
+    pack_scales(p, g.n, num_kb, kNr, pbs, [&](int64_t j, int64_t kb) { return g.sb_row(j)[kb] * kDecodeScale; });
+
+  // B, one slab of kSlabN columns at a time (bounded memory, reused): decoded into K-interleaved
+  // kNr-column panels, then every output tile of the slab.
+  at::Tensor slab = at::empty({std::min(panels_b, kSlabN / kNr) * g.k * kNr}, f32);
+  float* pb = floats(slab);
+  const int64_t tiles_m = cdiv(g.m, kTileM);
+  for (int64_t s0 = 0; s0 < g.n; s0 += kSlabN) {
+    const int64_t sn = std::min(kSlabN, g.n - s0), sp = cdiv(sn, kNr), tiles_n = cdiv(sn, kTileN);
+    parallel_tasks(sp, 0, [&](int64_t p, float*) {
+      const int64_t j0 = s0 + p * kNr;
+      const int rows = static_cast<int>(std::min<int64_t>(kNr, g.n - j0));
+      for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK)
+        ks.pack_b(g.b + j0 * g.ldb, g.ldb, rows, c0, std::min(kChunkK, g.k - c0), pb + (p * g.k + c0) * kNr);
+    });
+    parallel_tasks(tiles_m * tiles_n, kTileM * kTileLd, [&](int64_t t, float* tile) {
+      const int64_t m0 = (t / tiles_n) * kTileM, n0 = (t % tiles_n) * kTileN;  // n0 within the slab
+      const int64_t mb = std::min(kTileM, g.m - m0), nb = std::min(kTileN, sn - n0);
+      const int64_t mp = cdiv(mb, kMr), np = cdiv(nb, kNr);
+      std::fill(tile, tile + mp * kMr * kTileLd, 0.0f);
+      for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK) {
+        const int64_t c1 = std::min(g.k, c0 + kChunkK);
+        for (int64_t jr = 0; jr < np; ++jr) {
+          const int64_t sp_j = n0 / kNr + jr;  // panel within the slab
+          const float* bpanel = pb + (sp_j * g.k + c0) * kNr;
+          const float* bscale = pbs + ((s0 / kNr) + sp_j) * num_kb * kNr;
+          for (int64_t ir = 0; ir < mp; ++ir)
+            ks.micro(pa + (m0 + ir * kMr) * lda + c0, lda, bpanel, c0, c1, pas + (m0 / kMr + ir) * num_kb * kMr,
+                     bscale, tile + ir * kMr * kTileLd + jr * kNr, kTileLd);
+        }
+      }
+      for (int64_t i = 0; i < mb; ++i)
+        for (int64_t j = 0; j < nb; ++j) store(g, m0 + i, s0 + n0 + j, tile[i * kTileLd + j]);
+    });
   }
+}
+
+void run_gemv(const GemmArgs& g, const KernelSet& ks) {
+  // 1. A -> fp32 / 256, rows zero padded to a multiple of kGemvAlign.
+  const int64_t lda = round_up(g.k, kGemvAlign) + kSkew;
+  std::vector<float> a32(static_cast<size_t>(g.m * lda), 0.0f);
+  for (int64_t i = 0; i < g.m; ++i) ks.convert(g.a + i * g.lda, g.k, a32.data() + i * lda);
+
+  // 2. Groups of `rows` B rows (4 while every A chunk has <= 3 rows, else 3: <= 12 accumulators).
+  const int rows = g.m >= kGemvMr ? 3 : 4;
+  const int64_t groups = cdiv(g.n, rows);
+  const int64_t per_task = std::max<int64_t>(1, 65536 / (rows * g.k));  // groups per task: >= 64 KiB of B
+  parallel_tasks(cdiv(groups, per_task), 0, [&](int64_t task, float*) {
+    float out[kGemvMr * kGemvRows];
+    const uint8_t* brow[kGemvRows];
+    const float* srow[kGemvRows];
+    for (int64_t q = task * per_task; q < std::min(groups, (task + 1) * per_task); ++q) {
+      const int64_t n0 = q * rows;
+      for (int r = 0; r < kGemvRows; ++r) {  // rows past N repeat the last one (results dropped)
+        const int64_t j = std::min(n0 + r, g.n - 1);
+        brow[r] = g.b + j * g.ldb;
+        srow[r] = g.sb_row(j);
+      }
+      for (int64_t i0 = 0; i0 < g.m; i0 += kGemvMr) {
+        const int mr = static_cast<int>(std::min<int64_t>(kGemvMr, g.m - i0));
+        ks.gemv(a32.data() + i0 * lda, lda, g.sa + i0 * g.ldsa, g.ldsa, mr, brow, srow, rows, g.k, out);
+        for (int i = 0; i < mr; ++i)
+          for (int r = 0; r < rows && n0 + r < g.n; ++r) store(g, i0 + i, n0 + r, out[i * kGemvRows + r]);
+      }
+    }
+  });
 }
 
 void run_gemm(const GemmArgs& g) {
@@ -125,79 +200,10 @@ void run_gemm(const GemmArgs& g) {
     return;
   }
   const KernelSet ks = active_kernels();
-  const int64_t kp = round_up(g.k, kLanes) + kSkew;
-  const float decode = kDecodeFactor * kDecodeFactor;
-
-  // 1. A -> fp32 / 256, zero padded to kp columns.
-  std::vector<float> a32(static_cast<size_t>(g.m * kp));
-  at::parallel_for(0, g.m, std::max<int64_t>(1, 16384 / kp), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float* row = a32.data() + i * kp;
-      ks.convert(g.a + i * g.lda, g.k, row);
-      std::fill(row + g.k, row + kp, 0.0f);
-    }
-  });
-
-  // 2. Output tiles.
-  const bool small = g.m <= kSmallM;
-  const int64_t tile_m = small ? g.m : kTileM;
-  const int64_t tiles_m = (g.m + tile_m - 1) / tile_m, tiles_n = (g.n + kTileN - 1) / kTileN;
-  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> bbuf(kTileN * kBufStride);
-    std::vector<float> tot(kTileM * kTileN * kLanes);
-    float scale[kMaxMr * kMaxNr];
-    // One micro-tile over K block kb (columns k0..): B rows j.. of the task live in b_rows.
-    auto micro = [&](int64_t m0, int64_t n0, int64_t i, int64_t mr, int64_t j, int64_t nr, int64_t kb, int64_t k0,
-                     const float* b_rows) {
-      const int64_t len8 = round_up(std::min(kBlockK, g.k - k0), kLanes);
-      float sbv[kMaxNr];
-      for (int64_t jr = 0; jr < nr; ++jr) {
-        const int64_t n = n0 + j + jr;
-        sbv[jr] = g.sb[(g.sb_per_row ? n : n / kBlockK) * g.ldsb + kb] * decode;
-      }
-      for (int64_t ir = 0; ir < mr; ++ir) {
-        const float sa = g.sa[(m0 + i + ir) * g.ldsa + kb];
-        for (int64_t jr = 0; jr < nr; ++jr) scale[ir * kMaxNr + jr] = sa * sbv[jr];
-      }
-      ks.tile[mr - 1][nr - 1](a32.data() + (m0 + i) * kp + k0, kp, b_rows, kBufStride, len8, scale,
-                              tot.data() + (i * kTileN + j) * kLanes, kTileN * kLanes);
-    };
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = (t / tiles_n) * tile_m, n0 = (t % tiles_n) * kTileN;
-      const int64_t mb = std::min(tile_m, g.m - m0), nb = std::min(kTileN, g.n - n0);
-      std::fill(tot.begin(), tot.begin() + mb * kTileN * kLanes, 0.0f);
-      for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK) {
-        const int64_t clen = std::min(kChunkK, g.k - c0);
-        if (small) {  // few A rows: stream each B row triplet through the whole chunk
-          for (int64_t j = 0; j < nb; j += kMaxNr) {
-            const int64_t nr = std::min<int64_t>(kMaxNr, nb - j);
-            decode_b(ks, g, n0 + j, nr, c0, clen, bbuf.data());
-            for (int64_t k0 = c0; k0 < c0 + clen; k0 += kBlockK)
-              for (int64_t i = 0; i < mb; i += kMaxMr)
-                micro(m0, n0, i, std::min<int64_t>(kMaxMr, mb - i), j, nr, k0 / kBlockK, k0, bbuf.data() + (k0 - c0));
-          }
-          continue;
-        }
-        decode_b(ks, g, n0, nb, c0, clen, bbuf.data());
-        for (int64_t k0 = c0; k0 < c0 + clen; k0 += kBlockK)
-          for (int64_t s0 = 0; s0 < mb; s0 += kSubM)
-            for (int64_t j = 0; j < nb; j += kMaxNr) {
-              const int64_t nr = std::min<int64_t>(kMaxNr, nb - j);
-              for (int64_t i = s0; i < std::min(mb, s0 + kSubM); i += kMaxMr)
-                micro(m0, n0, i, std::min<int64_t>(kMaxMr, mb - i), j, nr, k0 / kBlockK, k0,
-                      bbuf.data() + j * kBufStride + (k0 - c0));
-            }
-      }
-      // 3. Sum the lanes of each running total, add C, round once.
-      for (int64_t i = 0; i < mb; ++i)
-        for (int64_t j = 0; j < nb; ++j) {
-          const float* lanes = tot.data() + (i * kTileN + j) * kLanes;
-          float s = 0.0f;
-          for (int l = 0; l < kLanes; ++l) s += lanes[l];
-          store(g, m0 + i, n0 + j, s);
-        }
-    }
-  });
+  if (g.m <= kGemvMaxM)
+    run_gemv(g, ks);
+  else
+    run_packed(g, ks);
 }
 
 // ---- argument checks shared by the ops (Python checked them first; never trust a shape) ----
@@ -230,8 +236,6 @@ bool sb_layout_per_row(const at::Tensor& sb, int64_t n, int64_t num_kb, const ch
   TORCH_CHECK(sb.scalar_type() == at::kFloat && sb.is_contiguous(), name, ": expected contiguous float32");
   return rows == n;
 }
-
-inline int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 const uint8_t* bytes(const at::Tensor& t) { return reinterpret_cast<const uint8_t*>(t.data_ptr()); }
 

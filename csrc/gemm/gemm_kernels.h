@@ -1,10 +1,18 @@
-// Building blocks of the CPU FP8 GEMM (gemm_cpu.cpp drives them): an e4m3 -> fp32 row
-// conversion and register-tile micro-kernels, each in a portable and an AVX2 version.
+// Building blocks of the CPU FP8 GEMM (gemm_cpu.cpp drives them), each in a portable
+// (gemm_portable.cpp) and an AVX2 (gemm_avx2.cpp) version:
+//   * convert: an e4m3 -> fp32 row decoder (exact, NaN kept), used to pack operands;
+//   * pack_b:  decodes rows of B straight into K-interleaved kNr-column panels;
+//   * micro:   a register-blocked kMr x kNr FP32 micro-kernel (A rows x a B panel) that walks every
+//              128-K block of its K range itself and promotes each block's FP32 partial into an
+//              FP32 C tile with sa[m, kb] * sb[n, kb] (DeepSeek-V3's promotion; scales are never
+//              folded into the operands);
+//   * gemv:    the memory-bound path (few rows of A): streams FP8 rows of B, decodes each 16-byte
+//              vector once in registers and FMAs it into up to kGemvMr rows of A.
 //
 // Number format inside the kernels: payload bytes are decoded to fp32 value / 256 (exact: a
-// power-of-two shift of an e4m3 value, never subnormal in fp32). The driver folds the two
-// factors of 256 back into the promotion scale, so nothing is lost and the F16C decoder (e4m3
-// bits moved into fp16 bits, then vcvtph2ps) needs no multiply.
+// power-of-two shift of an e4m3 value, never subnormal in fp32), because the fast decoder moves
+// the e4m3 bits into fp16 bits and converts with vcvtph2ps, which divides by 2^8 for free. The
+// promotion scales carry the two factors of 256 back (kDecodeScale), so nothing is lost.
 #pragma once
 
 #include <cmath>
@@ -15,10 +23,18 @@ namespace dsv3 {
 namespace gemm {
 
 constexpr int64_t kBlockK = 128;  // K elements per scale tile / promotion interval
-constexpr int kLanes = 8;         // lanes of one running-total vector (an AVX2 register)
-constexpr int kMaxMr = 4;         // micro-tile: up to 4 rows of A ...
-constexpr int kMaxNr = 3;         // ... times up to 3 rows of B (12 accumulators)
 constexpr float kDecodeFactor = 256.0f;
+constexpr float kDecodeScale = kDecodeFactor * kDecodeFactor;  // multiplies every promotion scale
+
+// Packed micro-kernel tile: kMr rows of A (broadcast) x kNr columns of B (two AVX2 vectors):
+// 12 FP32 accumulators.
+constexpr int kMr = 6;
+constexpr int kNr = 16;
+
+// GEMV tile: up to kGemvMr rows of A against up to kGemvRows rows of B at a time.
+constexpr int kGemvMr = 4;
+constexpr int kGemvRows = 4;
+constexpr int64_t kGemvAlign = 16;  // the GEMV reads A rows in steps of 16 (zero padded)
 
 // The exact value of an e4m3fn byte divided by 256 (NaN for 0x7F and 0xFF).
 inline float e4m3_to_float_div256(uint8_t v) {
@@ -28,23 +44,44 @@ inline float e4m3_to_float_div256(uint8_t v) {
   return (v & 0x80) ? -f : f;
 }
 
+inline bool is_e4m3_nan(uint8_t v) { return (v & 0x7F) == 0x7F; }
+
 // Writes dst[i] = e4m3(src[i]) / 256 for i < n.
 using ConvertFn = void (*)(const uint8_t* src, int64_t n, float* dst);
 
-// One micro-tile over one K block: for i < MR, j < NR the FP32 dot product of a row i (a + i*lda)
-// and b row j (b + j*ldb) over len8 elements (a multiple of 8, zero padded) is formed in 8 lanes
-// and promoted: tot[i*tot_rs + j*8 + l] += scale[i*kMaxNr + j] * lanes[l]. The driver sums the 8
-// lanes of the running total once at the end.
-using TileFn = void (*)(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t len8, const float* scale,
-                        float* tot, int64_t tot_rs);
+// Decodes columns [k0, k0 + len) of `rows` <= kNr rows of an FP8 matrix (row r at
+// src + r * ld) into one K-interleaved panel chunk: dst[kk * kNr + r] = e4m3(src[r][k0 + kk]) / 256,
+// zeros for r >= rows.
+using PackFn = void (*)(const uint8_t* src, int64_t ld, int rows, int64_t k0, int64_t len, float* dst);
+
+// One kMr x kNr tile over K columns [k0, k1) (k0 a multiple of kBlockK):
+//   ap: decoded A rows at column k0, element (i, k) at ap[i * lda + (k - k0)];
+//   bp: the B panel at column k0, element (k, j) at bp[(k - k0) * kNr + j];
+//   asc[kb * kMr + i], bsc[kb * kNr + j]: the tile's scales per K block (bsc includes
+//   kDecodeScale);
+//   c[i * ldc + j] += sum_kb (sum_{k in block kb} a(i, k) * b(k, j)) * (asc[kb, i] * bsc[kb, j]),
+//   the inner sum in FP32 registers, promoted once per block.
+using MicroFn = void (*)(const float* ap, int64_t lda, const float* bp, int64_t k0, int64_t k1, const float* asc,
+                         const float* bsc, float* c, int64_t ldc);
+
+// GEMV tile: out[i * kGemvRows + r] = sum_kb promote(A row i . B row r) for i < mr <= kGemvMr,
+// r < rows <= kGemvRows, over K columns:
+//   a: decoded A (value / 256), row i at a + i * lda, zero padded to a multiple of kGemvAlign;
+//   sa[i * ldsa + kb]: A scales; b[r]: FP8 row r of B (K bytes); sb[r][kb]: its scales;
+//   the promotion multiplies by sa * (sb * kDecodeScale). A NaN byte in B row r makes column r
+//   NaN (as IEEE arithmetic would).
+using GemvFn = void (*)(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
+                        const float* const* sb, int rows, int64_t k, float* out);
 
 struct KernelSet {
   ConvertFn convert;
-  TileFn tile[kMaxMr][kMaxNr];  // tile[mr - 1][nr - 1]
+  PackFn pack_b;
+  MicroFn micro;
+  GemvFn gemv;
 };
 
-KernelSet portable_kernels();
-KernelSet avx2_kernels();  // gemm_avx2.cpp; call only when the CPU has AVX2, FMA and F16C
+KernelSet portable_kernels();  // gemm_portable.cpp
+KernelSet avx2_kernels();      // gemm_avx2.cpp; call only when the CPU has AVX2, FMA and F16C
 
 }  // namespace gemm
 }  // namespace dsv3

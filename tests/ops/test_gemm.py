@@ -78,9 +78,27 @@ def test_fp8_gemm_nt_matches_float64_reference(m: int, n: int, k: int, out_dtype
     check(d, ref_nt(a, sa, b, sb))
 
 
-@pytest.mark.parametrize("m,n,k", [(7, 112, 100), (130, 300, 700), (1, 129, 257)])
-def test_every_cpu_isa_path_matches_reference(cpu_isas: list[str], m: int, n: int, k: int) -> None:
-    (a, sa), (b, sb) = lhs(m, k), rhs(n, k)
+# The CPU kernel has two paths: GEMV for M <= 16 (rows of A in chunks of up to 4, rows of B in
+# groups of 4 or 3, K in steps of 16) and packed tiles above (6 x 16 micro-tiles, 96 x 128 task
+# tiles, 512-column B slabs, K chunks of 256). The shapes hit every remainder of those.
+ISA_SHAPES = [
+    (7, 112, 100),
+    (130, 300, 700),
+    (1, 129, 257),
+    (2, 5, 17),
+    (3, 9, 16),
+    (4, 7, 143),
+    (16, 37, 300),
+    (17, 40, 129),
+    (101, 530, 385),
+    (23, 17, 1),
+]
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["block_scales", "row_scales"])
+@pytest.mark.parametrize("m,n,k", ISA_SHAPES)
+def test_every_cpu_isa_path_matches_reference(cpu_isas: list[str], m: int, n: int, k: int, per_row: bool) -> None:
+    (a, sa), (b, sb) = lhs(m, k), rhs(n, k, per_row=per_row)
     ref = ref_nt(a, sa, b, sb)
     try:
         for isa in cpu_isas:
@@ -142,12 +160,47 @@ def test_nan_scale_propagates_to_its_rows_only() -> None:
     assert torch.isnan(d[2]).all() and not torch.isnan(d[[0, 1, 3, 4, 5]]).any()
 
 
-def test_nan_payload_byte_gives_nan() -> None:
-    (a, sa), (b, sb) = lhs(3, 200), rhs(5, 200)
-    b.view(torch.uint8)[4, 150] = 0x7F
-    d = torch.empty(3, 5)
-    ops.fp8_gemm_nt((a, sa), (b, sb), d)
-    assert torch.isnan(d[:, 4]).all() and not torch.isnan(d[:, :4]).any()
+@pytest.mark.parametrize("m", [3, 40], ids=["gemv", "packed"])
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_nan_payload_byte_gives_nan(cpu_isas: list[str], m: int, code: int) -> None:
+    (a, sa), (b, sb) = lhs(m, 200), rhs(5, 200)
+    b.view(torch.uint8)[4, 150] = code  # in the K tail (200 = 128 + 64 + 8)
+    b.view(torch.uint8)[2, 199] = code  # the last byte of a row
+    a.view(torch.uint8)[1, 3] = code
+    try:
+        for isa in cpu_isas:
+            ops.set_cpu_isa(isa)
+            d = torch.empty(m, 5)
+            ops.fp8_gemm_nt((a, sa), (b, sb), d)
+            nan_cols, nan_rows = [2, 4], [1]
+            assert torch.isnan(d[:, nan_cols]).all() and torch.isnan(d[nan_rows]).all(), isa
+            keep = torch.ones(m, 5, dtype=torch.bool)
+            keep[:, nan_cols] = False
+            keep[nan_rows] = False
+            assert not torch.isnan(d[keep]).any(), isa
+    finally:
+        ops.set_cpu_isa("auto")
+
+
+def test_every_e4m3_value_is_decoded_exactly(cpu_isas: list[str]) -> None:
+    # All 254 finite codes (subnormals included) on the diagonal-like product with unit scales:
+    # d[m, n] = a[m] * b[n] exactly (one nonzero term per output), on both paths.
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).double()
+    for m in (len(codes) // 16, len(codes)):  # 15 rows: GEMV; 254 rows: packed
+        a = torch.zeros(m, 128, dtype=torch.uint8)
+        a[:, 5] = 0x38  # 1.0
+        b = torch.zeros(len(codes), 128, dtype=torch.uint8)
+        b[:, 5] = codes
+        sa, sb = torch.ones(m, 1), torch.ones(cdiv(len(codes), BLOCK), 1)
+        try:
+            for isa in cpu_isas:
+                ops.set_cpu_isa(isa)
+                d = poisoned(m, len(codes))
+                ops.fp8_gemm_nt((a.view(torch.float8_e4m3fn), sa), (b.view(torch.float8_e4m3fn), sb), d)
+                assert torch.equal(d.double(), values.expand(m, -1)), isa
+        finally:
+            ops.set_cpu_isa("auto")
 
 
 def test_nn_tn_tt_variants_match_nt() -> None:
