@@ -54,10 +54,11 @@ class PipelineRunner:
         pp, r = layout.pp, groups.pp_rank
         n_stages = layout.stages
         self.ids = stage_ids(self.schedule, pp, r)
+        slot_groups = self._slot_ep_groups(ep_group, groups, layout, cfg.parallel.timeout_s)
         built: dict[int, nn.Module] = {}
         for sid in sorted(self.ids):  # stage 0 first: the last stage may reuse its embedding
             share = built[0].embed if (sid == n_stages - 1 and 0 in built) else None
-            built[sid] = build_stage(args, sid, n_stages, ep_group=ep_group, mtp_embed=share)
+            built[sid] = build_stage(args, sid, n_stages, ep_group=slot_groups[self.ids.index(sid)], mtp_embed=share)
         if full_state is not None:  # weights independent of the layout (tests compare layouts)
             for m in built.values():
                 m.load_state_dict(shard_state_dict(full_state, m), strict=False)
@@ -80,6 +81,23 @@ class PipelineRunner:
         cls = {"dualpipev": dualpipe.DualPipeV, "dualpipe": dualpipe.DualPipe, "1f1b": dualpipe.OneFOneB,
                "zb1p": dualpipe.ZB1P}[self.schedule]
         self.pipe = cls(self.stages if len(self.stages) > 1 else self.stages[0], process_group=groups.pp_group)
+
+    def _slot_ep_groups(self, ep_group: dist.ProcessGroup | None, groups: ParallelGroups, layout: Layout,
+                        timeout_s: float) -> list[dist.ProcessGroup | None]:
+        """The EP group of each stage module on this rank. With two modules (DualPipe, DualPipeV)
+        the second gets its own group over the same ranks, so that ``overlapped_forward_backward``
+        may run one module's backward (its combine/dispatch collectives) on a second thread while
+        the other's forward runs: each group then sees one sequence of collectives on every rank.
+        Every rank creates every such group, in grid order (new_group is collective)."""
+        if ep_group is None or len(self.ids) < 2:
+            return [ep_group] * len(self.ids)
+        grid = rank_grid(layout.pp, layout.dp, layout.ep)
+        second = None
+        for ranks in (grid[p, e].tolist() for p in range(layout.pp) for e in range(layout.dp // layout.ep)):
+            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            if groups.rank in ranks:
+                second = g
+        return [ep_group, second]
 
     # ------------------------------------------------------------------ for the trainer
     def stage_modules(self) -> list[tuple[int, nn.Module]]:

@@ -373,10 +373,11 @@ class Trainer:
                 save = importlib.import_module(f"{self.cfg.model.module}.hf").save_hf_checkpoint
             except (ImportError, AttributeError):
                 save = None
-        if self.rank0 and (save is None or self.model is None or self.layout.ep > 1):
-            why = "the model package has no save_hf_checkpoint" if save is None else \
-                "it needs the whole model in one process (pp = ep = 1)"
-            self.log(f"HF export skipped: {why}")
+        if save is None or self.model is None or self.layout.ep > 1:  # decided alike on every rank
+            if self.rank0:
+                why = "the model package has no save_hf_checkpoint" if save is None else \
+                    "it needs the whole model in one process (pp = ep = 1)"
+                self.log(f"HF export skipped: {why}")
             return
         if self.rank0:
             out = self.run_dir / "hf"

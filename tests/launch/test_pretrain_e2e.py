@@ -38,7 +38,8 @@ PP_ARGS = ["--model.n_layers", "4", "--training.batch_size", "8"]
 def test_pp2_dp2_ep2_torchrun_loss_falls(tmp_path: Path) -> None:
     """torchrun, 4 gloo ranks: pipeline 2 (DualPipeV) x data parallel 2 with expert parallel 2,
     30 steps of the (smaller) tiny preset: the loss falls and MFU is reported."""
-    args = [*base_args(tmp_path, 30), *PP_ARGS, "--parallel.pp", "2", "--parallel.ep", "2", "--training.lr", "3e-3"]
+    args = [*base_args(tmp_path, 30), *PP_ARGS, "--parallel.pp", "2", "--parallel.ep", "2", "--training.lr", "3e-3",
+            "--checkpoint.hf_export", "true"]  # skipped with pp > 1, alike on every rank
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                           str(PRETRAIN), *args], env={**single_env(), "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
@@ -49,6 +50,7 @@ def test_pp2_dp2_ep2_torchrun_loss_falls(tmp_path: Path) -> None:
     first, last = sum(r["loss"] for r in recs[:3]) / 3, sum(r["loss"] for r in recs[-3:]) / 3
     assert last < first - 0.5, (first, last)
     assert all(0 < r["mfu"] < 1 for r in recs) and "median MFU" in res.stdout
+    assert "HF export skipped" in res.stdout
 
 
 def _layout_losses(tmp: Path, name: str, steps: int, common: list[str], extra: list[str], world: int) -> list[float]:
@@ -72,24 +74,15 @@ EXACT = ["--training.dtype", "fp64", "--model.seq_aux_alpha", "0", *PP_ARGS]
 
 
 def test_float64_losses_equal_single_process(tmp_path: Path) -> None:
-    """float64, FP8 off: DP 2, and PP 2 (DualPipeV) x DP 2, give the per-step losses of one
+    """float64, FP8 off: DP 2, PP 2 (DualPipeV) x DP 2, and PP 2 x DP 2 x EP 2 give the per-step losses of one
     process on the same model and data to a relative 1e-9 at each of 30 steps."""
     steps = 30
     ref = _layout_losses(tmp_path, "one", steps, EXACT, [], 1)
     assert _max_rel(_layout_losses(tmp_path, "dp2", steps, EXACT, [], 2), ref) < 1e-9
     assert _max_rel(_layout_losses(tmp_path, "pp2dp2", steps, EXACT, ["--parallel.pp", "2"], 4), ref) < 1e-9
+    ep = ["--parallel.pp", "2", "--parallel.ep", "2"]  # DualPipeV's two stage modules overlap on two EP groups
+    assert _max_rel(_layout_losses(tmp_path, "pp2dp2ep2", steps, EXACT, ep, 4), ref) < 1e-9
     assert ref[-1] < ref[0]
-
-
-def test_expert_parallel_pipeline_matches_single_process_in_float32(tmp_path: Path) -> None:
-    """Expert parallel moves tokens with comm.all_to_all, which runs in float32/bfloat16 only, so
-    PP 2 x DP 2 x EP 2 is compared with one process in float32: per-step losses agree to FP32
-    rounding (measured about 1.5e-7; a routing decision flipped by rounding would show as ~1e-3)."""
-    steps = 10
-    common = ["--training.dtype", "fp32", "--model.seq_aux_alpha", "0", *PP_ARGS]
-    ref = _layout_losses(tmp_path, "one", steps, common, [], 1)
-    got = _layout_losses(tmp_path, "pp2dp2ep2", steps, common, ["--parallel.pp", "2", "--parallel.ep", "2"], 4)
-    assert _max_rel(got, ref) < 2e-5
 
 
 @pytest.mark.slow
