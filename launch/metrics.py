@@ -58,20 +58,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    """Best FLOP/s of an n x n x n matmul in ``dtype`` over about ``seconds``, in the operand
-    layout this CPU runs fastest.
+def fastest_matmul(dtype: torch.dtype, seconds: float = 0.05):
+    """The operand layout of ``mm(a, b)`` (square a, b) this CPU runs fastest in ``dtype``.
 
     Without AMX, oneDNN's BF16 kernels differ by 10x or more between layouts (A @ B can run at
-    well under 1 GFLOP/s while A^T @ B is fast), so a small probe picks the layout first: the
-    peak is what the machine can do, and a slow layout does not cost seconds per call.
+    well under 1 GFLOP/s while A^T @ B is fast), so a small probe picks the layout: a peak is
+    then what the machine can do, and a slow layout does not cost seconds per call.
     """
-    layouts = {"nn": lambda a, b: a @ b, "nt": lambda a, b: a @ b.t(), "tn": lambda a, b: a.t() @ b}
-    probe = 256
-    a, b = torch.randn(probe, probe).to(dtype), torch.randn(probe, probe).to(dtype)
-    fastest = max(layouts.values(), key=lambda f: _best_rate(f, a, b, seconds / 10))
+    layouts = (lambda a, b: a @ b, lambda a, b: a @ b.t(), lambda a, b: a.t() @ b)
+    a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
+    return max(layouts, key=lambda f: _best_rate(f, a, b, seconds))
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` over about ``seconds``, in the fastest layout."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return _best_rate(fastest, a, b, seconds)
+    return _best_rate(fastest_matmul(dtype), a, b, seconds)
 
 
 def _best_rate(mm, a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
