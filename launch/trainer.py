@@ -268,7 +268,8 @@ class Trainer:
         self.watchdog.progress(step, "loss all-reduce")
         finite = math.isfinite(local_loss)
         ctrl = torch.tensor([local_loss / (self.layout.micro_batches * self.layout.dp) if finite else 0.0,
-                             0.0 if finite else 1.0, 1.0 if self.stop.received else 0.0], dtype=torch.float64)
+                             0.0 if finite else 1.0, 1.0 if self.stop.received else 0.0], dtype=torch.float64,
+                            device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(ctrl)
         loss, nonfinite, stop = ctrl.tolist()
 
