@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from launch.metrics import MATMUL_LAYOUTS, matmul_rates
 from tests.harness.distributed import run_distributed
 
 A2A_RANKS = 4  # as bench_comm's dispatch/combine, so its results compare to this ceiling
@@ -36,26 +37,11 @@ A2A_ROUNDS = 5
 _cache: dict = {}
 
 
-# Operand layouts of C = A B: oneDNN's BF16 path on CPUs without BF16 instructions (AVX2-only, as
-# the 2-core AMD machine this was written on) is 5-25x faster for some transposes than for two
-# row-major operands (measured there: A B 0.2-0.6 GFLOP/s, A B^T 2-3, A^T B 3.6-5). The ceiling is
-# the best the machine can do, so the best layout counts.
-LAYOUTS = {"A@B": lambda a, b: (a, b), "A@B^T": lambda a, b: (a, b.T), "A^T@B": lambda a, b: (a.T, b)}
-
-
-def _rate(dtype: torch.dtype, layout: str, n: int = 512) -> float:
-    x, y = LAYOUTS[layout](torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
-    torch.matmul(x, y)
-    t0 = time.perf_counter()
-    torch.matmul(x, y)
-    return 2 * n**3 / (time.perf_counter() - t0)
-
-
 def _matmul_plan(dtype: torch.dtype) -> tuple[str, int]:
     """(fastest layout, size): FP32 at 2048^3; another dtype at the largest of 2048, 1024, 512
     whose call the 512^3 probe predicts under half a second, so a dtype without a fast path here
     (BF16 without BF16 instructions: a 2048^3 call can last a minute) keeps the run short."""
-    rates = {layout: _rate(dtype, layout) for layout in LAYOUTS}
+    rates = matmul_rates(dtype, 512, 0.0)  # the layouts differ 5-25x for BF16 without BF16 instructions
     best = max(rates, key=rates.get)
     if dtype == torch.float32:
         return best, 2048
@@ -65,11 +51,11 @@ def _matmul_plan(dtype: torch.dtype) -> tuple[str, int]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float32, marks=pytest.mark.quick)], ids=str)
 def test_matmul_peak(benchmark, dtype: torch.dtype) -> None:
     layout, n = _matmul_plan(dtype)
-    a, b = LAYOUTS[layout](torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     benchmark.group = "ceilings matmul cpu"
     benchmark.extra_info.update(role="ceiling", kind="matmul", device="cpu", impl=f"{str(dtype)[6:]} {n}^3 {layout}",
                                 n=n, work=2 * n**3, unit="FLOP", loadavg=os.getloadavg()[0])
-    benchmark.pedantic(torch.matmul, args=(a, b), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(MATMUL_LAYOUTS[layout], args=(a, b), rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.quick

@@ -14,12 +14,11 @@ the full run.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 import ops
+from launch.metrics import MATMUL_LAYOUTS, matmul_rate
 from ops.reference import dequantize_tiles_reference
 
 ROUNDS = 3
@@ -70,13 +69,8 @@ def _bf16_too_slow() -> str | None:
     BF16 GEMM runs at a small fraction of FP32 and one 2048x7168x7168 call would take minutes; the
     quick shape still measures them."""
     probe = torch.randn(1024, 1024)
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = probe.to(dtype), probe.to(dtype)
-        torch.matmul(x, w.T)
-        t0 = time.perf_counter()
-        torch.matmul(x, w.T)
-        rates[dtype] = 2 * 1024**3 / (time.perf_counter() - t0)
+    rates = {dtype: matmul_rate(MATMUL_LAYOUTS["A@B^T"], probe.to(dtype), probe.to(dtype), 0.0)
+             for dtype in (torch.float32, torch.bfloat16)}
     if rates[torch.bfloat16] * 3 < rates[torch.float32]:
         return (f"BF16 x @ w.T runs at {rates[torch.bfloat16] / 1e9:.1f} GFLOP/s here against FP32's "
                 f"{rates[torch.float32] / 1e9:.1f} (no AMX): measured on the {'x'.join(map(str, QUICK_SHAPE))} shape only")

@@ -58,25 +58,32 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def fastest_matmul(dtype: torch.dtype, seconds: float = 0.05):
-    """The operand layout of ``mm(a, b)`` (square a, b) this CPU runs fastest in ``dtype``.
+# Operand layouts of a square matmul. Without AMX, oneDNN's BF16 kernels differ by 10x or more
+# between them (A @ B can run at well under 1 GFLOP/s while A^T @ B is fast).
+MATMUL_LAYOUTS = {"A@B": lambda a, b: a @ b, "A@B^T": lambda a, b: a @ b.t(), "A^T@B": lambda a, b: a.t() @ b}
 
-    Without AMX, oneDNN's BF16 kernels differ by 10x or more between layouts (A @ B can run at
-    well under 1 GFLOP/s while A^T @ B is fast), so a small probe picks the layout: a peak is
-    then what the machine can do, and a slow layout does not cost seconds per call.
-    """
-    layouts = (lambda a, b: a @ b, lambda a, b: a @ b.t(), lambda a, b: a.t() @ b)
-    a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
-    return max(layouts, key=lambda f: _best_rate(f, a, b, seconds))
+
+def matmul_rates(dtype: torch.dtype, n: int, seconds: float) -> dict[str, float]:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` per layout of MATMUL_LAYOUTS, over about
+    ``seconds`` each (0: one timed call after a warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return {name: matmul_rate(mm, a, b, seconds) for name, mm in MATMUL_LAYOUTS.items()}
+
+
+def fastest_matmul(dtype: torch.dtype, seconds: float = 0.05):
+    """``mm(a, b)`` in the layout this CPU runs fastest in ``dtype`` (a 256^3 probe picks it), so
+    that a peak is what the machine can do and a slow layout does not cost seconds per call."""
+    rates = matmul_rates(dtype, 256, seconds)
+    return MATMUL_LAYOUTS[max(rates, key=rates.get)]
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
     """Best FLOP/s of an n x n x n matmul in ``dtype`` over about ``seconds``, in the fastest layout."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return _best_rate(fastest_matmul(dtype), a, b, seconds)
+    return matmul_rate(fastest_matmul(dtype), a, b, seconds)
 
 
-def _best_rate(mm, a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+def matmul_rate(mm, a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
     """Best FLOP/s of ``mm(a, b)`` (square operands) over about ``seconds``, after a warm-up."""
     n = a.shape[0]
     mm(a, b)

@@ -32,10 +32,10 @@ def stage_ids(schedule: str, pp: int, pp_rank: int) -> list[int]:
     return [pp_rank]
 
 
-def _pair_groups(pairs: list[list[int]], rank: int, timeout) -> dist.ProcessGroup | None:
-    """Creates a group per rank pair (every rank calls new_group for every pair); returns ours."""
+def _own_group(rank_lists: list[list[int]], rank: int, timeout) -> dist.ProcessGroup | None:
+    """Creates a group per rank list (every rank calls new_group for every list); returns ours."""
     mine = None
-    for ranks in pairs:
+    for ranks in rank_lists:
         g = dist.new_group(sorted(set(ranks)), timeout=timeout)
         if rank in ranks:
             mine = g
@@ -73,10 +73,10 @@ class PipelineRunner:
         self.tie_group = None
         if self.schedule == "dualpipe":
             pairs = [[int(grid[p, d]), int(grid[pp - 1 - p, d])] for d in range(layout.dp) for p in range(pp // 2)]
-            self.mirror_group = _pair_groups(pairs, groups.rank, timeout)
+            self.mirror_group = _own_group(pairs, groups.rank, timeout)
         elif self.schedule in ("1f1b", "zb1p") and args.n_mtp_layers > 0:
             pairs = [[int(grid[0, d]), int(grid[pp - 1, d])] for d in range(layout.dp)]
-            self.tie_group = _pair_groups(pairs, groups.rank, timeout)
+            self.tie_group = _own_group(pairs, groups.rank, timeout)
 
         cls = {"dualpipev": dualpipe.DualPipeV, "dualpipe": dualpipe.DualPipe, "1f1b": dualpipe.OneFOneB,
                "zb1p": dualpipe.ZB1P}[self.schedule]
@@ -92,11 +92,8 @@ class PipelineRunner:
         if ep_group is None or len(self.ids) < 2:
             return [ep_group] * len(self.ids)
         grid = rank_grid(layout.pp, layout.dp, layout.ep)
-        second = None
-        for ranks in (grid[p, e].tolist() for p in range(layout.pp) for e in range(layout.dp // layout.ep)):
-            g = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
-            if groups.rank in ranks:
-                second = g
+        lists = [grid[p, e].tolist() for p in range(layout.pp) for e in range(layout.dp // layout.ep)]
+        second = _own_group(lists, groups.rank, timedelta(seconds=timeout_s))
         return [ep_group, second]
 
     # ------------------------------------------------------------------ for the trainer

@@ -32,12 +32,10 @@ if TYPE_CHECKING:
 
 
 def _ep_dtypes() -> tuple[torch.dtype, ...]:
-    """The model dtypes expert parallel runs in: those comm.all_to_all moves (float64 included
-    where comm has it: `comm.all_to_all.FLOAT_DTYPES`)."""
-    from comm import all_to_all
+    """The model dtypes expert parallel runs in: those of comm.all_to_all's FLOAT_DTYPES a model uses."""
+    from comm.all_to_all import FLOAT_DTYPES
 
-    moved = getattr(all_to_all, "FLOAT_DTYPES", (torch.float32, torch.bfloat16))
-    return tuple(d for d in (torch.float32, torch.bfloat16, torch.float64) if d in moved)
+    return tuple(d for d in (torch.float32, torch.bfloat16, torch.float64) if d in FLOAT_DTYPES)
 
 
 def _buffer(moe: MoE) -> Buffer:
@@ -48,18 +46,6 @@ def _buffer(moe: MoE) -> Buffer:
         buf = Buffer(moe.ep_group)
         moe._ep_buffer = buf
     return buf
-
-
-def dequantize_rows(x_fp8: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(x_fp8 [N, H] e4m3, scales [N, ceil(H/128)] fp32) -> [N, H] in `dtype`: each 1x128 tile
-    times its scale, in fp32 (the inverse of `ops.per_token_cast_to_fp8`)."""
-    n, h = x_fp8.shape
-    tiles = scales.shape[1]
-    padded = x_fp8.float()
-    if tiles * 128 != h:
-        padded = torch.nn.functional.pad(padded, (0, tiles * 128 - h))
-    out = (padded.view(n, tiles, 128) * scales.unsqueeze(-1)).view(n, tiles * 128)[:, :h]
-    return out.to(dtype)
 
 
 class _Dispatched(torch.autograd.Function):
@@ -123,8 +109,10 @@ def moe_ep_forward(moe: MoE, x: torch.Tensor, weights: torch.Tensor, topk_idx: t
             num_experts=moe.n_experts, async_finish=True)
     shared = moe.shared_experts(x) if moe.shared_experts is not None else None  # while tokens travel
     event.current_stream_wait()
-    if isinstance(recv, tuple):
-        recv_x = dequantize_rows(*recv, x.dtype)
+    if isinstance(recv, tuple):  # each 1x128 tile times its scale, in fp32
+        from ops.reference import dequantize_tiles_reference
+
+        recv_x = dequantize_tiles_reference(*recv, 1, 128, torch.float32).to(x.dtype)
     elif packed:
         recv_x, recv_w = recv[:, :-k], recv[:, -k:].masked_fill(recv_idx < 0, 0.0)
     else:

@@ -80,7 +80,8 @@ def test_fp8_gemm_nt_matches_float64_reference(m: int, n: int, k: int, out_dtype
 
 # The CPU kernel has two paths: GEMV for M <= 16 (rows of A in chunks of up to 4, rows of B in
 # groups of 4 or 3, K in steps of 16) and packed tiles above (6 x 16 micro-tiles, 96 x 128 task
-# tiles, 512-column B slabs, K chunks of 256). The shapes hit every remainder of those.
+# tiles, K chunks of 256). The shapes hit every remainder of those; the 2048-column B slab
+# boundary is crossed by SHAPES above (N = 2112, 7168).
 ISA_SHAPES = [
     (7, 112, 100),
     (130, 300, 700),
