@@ -30,6 +30,7 @@ from tests.harness.distributed import run_distributed
 WORLD = 4
 F_MS, B_MS, W_MS = 10.0, 20.0, 10.0  # per stage unit: F = W = B/2, the table's assumption
 CHUNKS = 8
+A2A_ELEMS = 1 << 20  # 4 MiB per all-to-all: a few ms on loopback, comparable to F/2 and B/2, so overlap shows
 DIM = 64
 _cache: dict = {}
 
@@ -333,7 +334,7 @@ def test_all_to_all_overlap_hook(benchmark, hook: bool) -> None:
     """DualPipeV PP=2 x EP=2 with an all-to-all in every stage: the hook against no hook."""
     benchmark.group = "DualPipeV with all-to-all stages: overlap hook vs none"
     benchmark.extra_info.update(role="ours" if hook else "peer")
-    _run(benchmark, a2a_worker, hook, 1 << 18)
+    _run(benchmark, a2a_worker, hook, A2A_ELEMS)
 
 
 @pytest.mark.quick

@@ -1,4 +1,4 @@
-"""Point-to-point transfers between pipeline ranks: ordered, non-blocking, self-describing.
+"""Point-to-point transfers between pipeline ranks: ordered, grouped, self-describing.
 
 Every transfer (one stage's activations to the next stage, or one stage's input gradients back to
 the previous one) carries a *header*: the dtype, shape and requires_grad flag of every tensor (so
@@ -9,32 +9,47 @@ waiting forever).
 **Matching by order, not by tag.** NCCL ignores P2P tags: it pairs the sends and receives of two
 ranks in the order they are posted, and each receive buffer must have the sent size exactly.
 Schedules are deterministic, so every rank can list the transfers each peer will send it, in the
-peer's send order (``executor.transfer_plan``). A receiver thread per peer walks that list
-and posts strictly in it: the transfer's first receive, then (once it has landed and said so) its
-payload receives, and only then the next transfer's first receive. Every message uses tag 0, so
-gloo matches exactly like NCCL and the tests exercise the NCCL matching rule. (So, during a step,
-nothing else may exchange tag-0 P2P messages between two ranks of the pipeline's group.)
+peer's send order (``executor.transfer_plan``), and receives strictly in that order. Every message
+uses tag 0, so gloo matches exactly like NCCL and the tests exercise the NCCL matching rule. (So,
+during a step, nothing else may exchange tag-0 P2P messages between two ranks of the group.)
 
-The first time a transfer is seen (per key and chunk count), the header goes alone and the
-payloads follow once the receiver has read it. Both sides then remember its shapes, and from the
-next step on the transfer is ONE message (header + payloads) of a size both sides know; if the
-shapes changed, that message says RESHAPE and the payloads follow separately.
+**Messages of a transfer.** The *first message* is the header alone the first time a transfer is
+seen (per key and chunk count), then a *payload message* (every tensor packed at ALIGN offsets)
+follows. Both sides then remember the shapes, and from the next step on the first message is
+header + payloads in ONE message of a size both know; if the shapes changed, it says RESHAPE and a
+payload message follows. A receiver therefore reads each first message before it posts anything
+further from that peer (it decides whether a payload message comes next and its size).
+
+**Rounds of groups (NCCL).** An NCCL receive or send blocks its stream until matched, and batched
+P2P runs on ONE stream per rank (the communicator of the whole group), so a receive posted alone
+ahead of a send its peer waits for deadlocks, and so do two ranks whose lone sends wait for each
+other's receives. So nothing is posted alone and nothing from a thread: every transfer is assigned
+a *round* (``executor.transfer_rounds``: the time its data is produced in a unit-cost run of the
+schedule, the same on every rank), and in each round every rank posts ONE group
+(``torch.distributed.batch_isend_irecv``: an NCCL group on NCCL, separate non-blocking ops on gloo)
+holding exactly that round's first messages, sends and receives; it reads the round's headers (when
+one is consumed, or before the next round), then posts the round's payload messages (a header
+decides whether one follows) as one more group. Every rank posts its rounds in the same global
+order, and a round's groups match each other exactly, so round by round every group completes: no
+deadlock, whatever the timing. A rank posts, before each action, the rounds up to the one holding
+its previous action's sends (sent while this action computes) and this action's inputs (and so any
+receive produced earlier in the unit-cost run: posted early). The price: a rank reads a round's
+headers before it posts its next round, so a send can wait behind a receive of an earlier round (on
+gloo too, which needs none of this; one protocol for both keeps the tests exercising the NCCL one).
+``tests/dualpipe/test_nccl_model.py`` records the groups of real runs (every schedule, chunk
+counts, first/cached/reshaped/inference steps) and checks them with a model of NCCL's semantics
+(each rank runs its groups in order on one stream; a group completes when each op has its match, by
+per-pair posting order and equal size, posted by the peer). A header on a CUDA tensor is read after
+``wait()`` with a blocking copy to the host, ordered after the receive. This NCCL path follows
+those semantics and passes that model, but has NOT yet run on a GPU.
 
 Payloads travel as raw bytes (``uint8``), which every backend moves, whatever the dtype (bool,
 fp8, ...); headers too, so both sides always agree on dtype and element count.
-
-NCCL is not supported yet for another reason (``Pipeline`` refuses it): an NCCL receive blocks the
-communicator's stream until it is matched, so the receives posted ahead here would hold back this
-rank's own sends to that peer; running on NCCL needs both ranks of a pair to issue their sends
-and receives in one common order (or grouped), which this module does not do. (Also, waiting on
-an NCCL work only orders streams: the receiver threads would have to synchronise before reading a
-header.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -156,115 +171,216 @@ def _check_hints(metas: list[TensorMeta | None], src: int) -> None:
                            f"set_p2p_tensor_dtype hint {dtype}")
 
 
+def _pack(buf: torch.Tensor, start: int, payloads: Sequence[torch.Tensor | None]) -> None:
+    """Copies each payload's bytes into ``buf`` from ``start``, at ALIGN offsets."""
+    off = start
+    for p in payloads:
+        if p is not None:
+            buf[off : off + p.numel()].copy_(p)
+            off += _pad(p.numel())
+
+
+def _views(buf: torch.Tensor, start: int, metas: Sequence[TensorMeta | None]) -> list[torch.Tensor | None]:
+    """The byte views of ``_pack``'s layout."""
+    out: list[torch.Tensor | None] = []
+    off = start
+    for m in metas:
+        out.append(None if m is None else buf[off : off + m.nbytes])
+        off += 0 if m is None else _pad(m.nbytes)
+    return out
+
+
+class _Group:
+    """One posted ``batch_isend_irecv``: its works (one per op on gloo, one for all on NCCL) and
+    the buffers it must keep alive until done. Each work is waited at most once (a gloo work
+    waited twice waits for a second message on its buffer)."""
+
+    def __init__(self, works: list[dist.Work], num_ops: int, buffers: list[torch.Tensor]):
+        self.works, self.num_ops, self.buffers = works, num_ops, buffers
+        self.waited = [False] * len(works)
+
+    def _wait_work(self, i: int) -> None:
+        if not self.waited[i]:
+            self.works[i].wait()
+            self.waited[i] = True
+
+    def wait(self, index: int | None = None) -> None:
+        """Waits for op ``index`` (gloo: that op alone) or, with one work for the group, all."""
+        if index is not None and len(self.works) == self.num_ops:
+            self._wait_work(index)
+            return
+        for i in range(len(self.works)):
+            self._wait_work(i)
+
+    def done(self) -> bool:
+        return all(self.waited)
+
+
 @dataclass
 class _Recv:
-    """One expected transfer, filled in by its peer's receiver thread."""
+    """One expected transfer, filled in when its round is posted and read."""
 
     src: int
+    cached: list[TensorMeta | None] | None = None  # shapes from the last step (the first message's size)
+    first: torch.Tensor | None = None
+    first_op: tuple[_Group, int] | None = None
     metas: list[TensorMeta | None] = field(default_factory=list)
-    buffers: list[torch.Tensor | None] = field(default_factory=list)
-    payload_works: list[dist.Work] = field(default_factory=list)
+    views: list[torch.Tensor | None] = field(default_factory=list)
+    payload: torch.Tensor | None = None  # the separate payload message, when there is one
+    payload_op: tuple[_Group, int] | None = None
     error: BaseException | None = None
-    ready: threading.Event = field(default_factory=threading.Event)  # header read, payloads posted
+
+
+Round = tuple[list[tuple[Key, int]], list[tuple[Key, int]]]  # (sends (key, dst), receives (key, src))
 
 
 class P2P:
-    """The transfers of one pipeline step on one rank, matched by order.
+    """The transfers of one pipeline step on one rank, matched by order, posted in rounds.
 
     ``peers[p]`` is the global rank of pipeline rank ``p``. ``incoming[p]``: the transfers
     pipeline rank ``p`` sends to this rank, in the order ``p`` sends them; ``outgoing``: this
     rank's sends ``(key, destination)`` in the order it makes them (``send`` checks each against
-    it, so a schedule that breaks the plan fails loudly instead of mismatching).
+    it, so a schedule that breaks the plan fails loudly instead of mismatching). ``rounds``: this
+    rank's rounds in the global order (``executor.transfer_rounds``). The executor calls
+    ``post(n)`` before each action (posts this rank's first n rounds), ``recv``/``send``, then
+    ``finish``. ``log``, if given, gets every posted group as a list of ``(op, peer pipeline
+    rank, bytes)``, op "send" or "recv" (for the NCCL model check).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, peers: Sequence[int], device: torch.device,
                  num_chunks: int, incoming: dict[int, list[Key]], outgoing: list[tuple[Key, int]],
-                 cache: dict | None = None):
+                 rounds: Sequence[Round], cache: dict | None = None, log: list | None = None):
         self.group, self.peers, self.device, self.num_chunks = group, list(peers), device, num_chunks
         # Shapes of each transfer in the previous step, identical on sender and receiver: when a
         # transfer repeats them it is ONE message of a size both know (see the module docstring).
         self.cache: dict = cache if cache is not None else {}
         self.incoming = {p: list(keys) for p, keys in incoming.items() if keys}
         self.outgoing = list(outgoing)
+        self.rounds = list(rounds)
         self.num_sent = 0
+        self.num_posted = 0
         self.recvs: dict[Key, _Recv] = {k: _Recv(p) for p, keys in self.incoming.items() for k in keys}
-        self._threads: list[threading.Thread] = []
+        self.round_of = {k: i for i, (_, rs) in enumerate(self.rounds) for k, _ in rs}
+        self.consumed: set[Key] = set()
+        self.out: dict[Key, tuple[torch.Tensor, torch.Tensor | None]] = {}  # (first message, payload message)
+        self.in_flight: list[_Group] = []
+        self.unfinished: int | None = None  # the last posted round, if its headers are not read yet
         self.wait_s = 0.0  # seconds spent waiting in recv (the executor subtracts it from timelines)
-        self.sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.log = log
 
     def _ckey(self, key: Key) -> tuple[int, int, int, int]:
         return (self.num_chunks, *key)
 
-    # ------------------------------------------------------------------ receiving
-    def start(self) -> None:
-        """Starts one receiver thread per sending peer.
+    # ------------------------------------------------------------------ rounds
+    def _group(self, ops: list[tuple[str, int, torch.Tensor]]) -> _Group | None:
+        if not ops:
+            return None
+        p2p_ops = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, buf, self.peers[peer], self.group, TAG)
+                   for kind, peer, buf in ops]
+        g = _Group(list(dist.batch_isend_irecv(p2p_ops)), len(ops), [buf for _, _, buf in ops])
+        self.in_flight.append(g)
+        if self.log is not None:
+            self.log.append([(kind, peer, buf.numel()) for kind, peer, buf in ops])
+        return g
 
-        Why threads: a receive can only be posted once the previous transfer from that peer is
-        understood (its payload sizes come in its header), and gloo (like most transports) moves
-        a message only into a posted receive; a thread that posts the next receive as soon as
-        the last lands keeps data flowing while the rank computes.
-        """
-        for src, keys in self.incoming.items():
-            items = [(k, self.recvs[k]) for k in keys]  # recv() pops from self.recvs meanwhile
-            t = threading.Thread(target=self._receive_from, args=(items,), name=f"dualpipe-recv-{src}", daemon=True)
-            t.start()
-            self._threads.append(t)
+    def _post_round(self, index: int) -> None:
+        """One group with the round's first messages (sends in this rank's send order, receives
+        in each sender's order). Its headers are read, and its payload group posted, lazily by
+        ``_finish_round``: when a transfer of it is consumed, or before the next round."""
+        self._finish_round()
+        sends, recvs = self.rounds[index]
+        ops: list[tuple[str, int, torch.Tensor]] = []
+        for key, dst in sends:
+            if key not in self.out:
+                raise RuntimeError(f"P2P transfer {key} to pipeline rank {dst} is due in round {index} but was "
+                                   "not sent yet (the executor and transfer_rounds disagree)")
+            ops.append(("send", dst, self.out[key][0]))
+        for key, src in recvs:
+            r = self.recvs[key]
+            r.cached = self.cache.get(self._ckey(key))
+            r.first = torch.empty(combined_size(r.cached) if r.cached is not None else HEADER_BYTES,
+                                  dtype=torch.uint8, device=self.device)
+            ops.append(("recv", src, r.first))
+        g = self._group(ops)
+        for i, (key, _) in enumerate(recvs):
+            assert g is not None
+            self.recvs[key].first_op = (g, len(sends) + i)
+        self.unfinished = index
 
-    def _irecv(self, buf: torch.Tensor, src: int) -> dist.Work:
-        return dist.irecv(buf, self.peers[src], group=self.group, tag=TAG)
+    def _finish_round(self) -> None:
+        """Reads the last posted round's headers, then posts its payload messages as one group
+        (before any later round, on every rank: the payload groups match like the rounds)."""
+        if self.unfinished is None:
+            return
+        sends, recvs = self.rounds[self.unfinished]
+        self.unfinished = None
+        payload_ops: list[tuple[str, int, torch.Tensor]] = []
+        for key, dst in sends:
+            payload = self.out.pop(key)[1]
+            if payload is not None:
+                payload_ops.append(("send", dst, payload))
+        owed = [key for key, _ in recvs if self._read(key)]
+        for key in owed:
+            r = self.recvs[key]
+            r.payload = torch.empty(combined_size(r.metas) - HEADER_BYTES, dtype=torch.uint8, device=self.device)
+            payload_ops.append(("recv", r.src, r.payload))
+        g = self._group(payload_ops)
+        for i, key in enumerate(owed):
+            assert g is not None
+            self.recvs[key].payload_op = (g, len(payload_ops) - len(owed) + i)
 
-    def _receive_from(self, items: list[tuple[Key, _Recv]]) -> None:
-        broken: BaseException | None = None
-        for key, r in items:
-            if broken is None:
-                try:
-                    self._receive_one(key, r)
-                except BaseException as e:  # the group itself failed: fail this and every later one
-                    broken = e
-                if r.error is not None and not isinstance(r.error, PeerAbort):
-                    broken = r.error  # a corrupt header: later messages cannot be trusted either
-            if broken is not None:
-                r.error = r.error or broken
-            r.ready.set()
+    def post(self, num_rounds: int) -> None:
+        """Posts this rank's rounds up to ``num_rounds`` (in order; each once)."""
+        while self.num_posted < min(num_rounds, len(self.rounds)):
+            self.num_posted += 1
+            self._post_round(self.num_posted - 1)
 
-    def _receive_one(self, key: Key, r: _Recv) -> None:
-        """Posts and waits for the transfer's first message, then posts its payload receives."""
-        cached = self.cache.get(self._ckey(key))
-        first = torch.empty(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
-                            device=self.device)
-        self._irecv(first, r.src).wait()
-        header = first[:HEADER_BYTES].view(torch.int64)
+    def _wait(self, op: tuple[_Group, int]) -> None:
+        t0 = time.perf_counter()
+        op[0].wait(op[1])
+        self.wait_s += time.perf_counter() - t0
+
+    def _read(self, key: Key) -> bool:
+        """Reads a first message's header; True if a payload message follows."""
+        r = self.recvs[key]
+        assert r.first_op is not None and r.first is not None
+        self._wait(r.first_op)
+        # After wait() (which on NCCL orders the current stream after the receive), a blocking
+        # copy to the host: the header is read only once it has landed.
+        header = r.first[:HEADER_BYTES].view(torch.int64)
+        header = header.cpu() if header.device.type != "cpu" else header
         try:
             r.metas = decode_header(header, r.src)
         except (PeerAbort, RuntimeError) as e:  # an abort (or garbage): recv() raises it
             r.error = e
-            return
-        if cached is not None and int(header[0]) == STATUS_OK:  # the payloads came in the same message
-            off = HEADER_BYTES
-            for m in r.metas:
-                r.buffers.append(None if m is None else first[off : off + m.nbytes])
-                off += 0 if m is None else _pad(m.nbytes)
-            return
-        for m in r.metas:  # posted now, before the next transfer's first receive: the sender's order
-            buf = None if m is None else torch.empty(m.nbytes, dtype=torch.uint8, device=self.device)
-            r.buffers.append(buf)
-            if buf is not None:
-                r.payload_works.append(self._irecv(buf, r.src))
+            return False
+        if r.cached is not None and int(header[0]) == STATUS_OK:  # the payloads came in the same message
+            r.views = _views(r.first, HEADER_BYTES, r.metas)
+            return False
+        if combined_size(r.metas) > HEADER_BYTES:
+            return True
+        r.views = [None] * len(r.metas)  # nothing but Nones (or empty tensors)
+        return False
 
     def recv(self, key: Key) -> list[torch.Tensor | None]:
         """Waits for a transfer; returns its tensors (requires_grad as the sender's)."""
-        r = self.recvs.pop(key)
-        t0 = time.perf_counter()
-        r.ready.wait()
-        for w in r.payload_works:
-            w.wait()
-        self.wait_s += time.perf_counter() - t0
+        if key in self.consumed:
+            raise RuntimeError(f"P2P transfer {key} received twice")
+        self.post(self.round_of[key] + 1)  # normally posted already (executor.transfer_rounds)
+        if self.unfinished == self.round_of[key]:
+            self._finish_round()
+        self.consumed.add(key)
+        r = self.recvs[key]
         if r.error is not None:
             raise r.error
+        if r.payload_op is not None:
+            assert r.payload is not None
+            self._wait(r.payload_op)
+            r.views = _views(r.payload, 0, r.metas)
         _check_hints(r.metas, r.src)
         self.cache[self._ckey(key)] = r.metas
         out: list[torch.Tensor | None] = []
-        for m, buf in zip(r.metas, r.buffers, strict=True):
+        for m, buf in zip(r.metas, r.views, strict=True):
             if m is None:
                 out.append(None)
             else:
@@ -280,11 +396,9 @@ class P2P:
                                f"(next planned: {want}); the receiver would mismatch it")
         self.num_sent += 1
 
-    def _isend(self, t: torch.Tensor, dst: int) -> None:
-        self.sends.append((dist.isend(t, self.peers[dst], group=self.group, tag=TAG), t))
-
     def send(self, key: Key, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
-        """Non-blocking. Keeps the buffers until sent."""
+        """Packs the tensors into this transfer's messages (copies: the caller may free its
+        tensors); they go out with the transfer's round (posted before a later action)."""
         self._next_send(key, dst)
         metas = metas_of(tensors)
         cached = self.cache.get(self._ckey(key))
@@ -293,49 +407,50 @@ class P2P:
         if cached is not None and cached == metas:  # the receiver expects exactly this one message
             buf = torch.empty(combined_size(metas), dtype=torch.uint8, device=self.device)
             buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors))
-            off = HEADER_BYTES
-            for p in payloads:
-                if p is not None:
-                    buf[off : off + p.numel()].copy_(p)
-                    off += _pad(p.numel())
-            self._isend(buf, dst)
+            _pack(buf, HEADER_BYTES, payloads)
+            self.out[key] = (buf, None)
             return
-        if cached is not None:  # the receiver expects the old size: fill it with a RESHAPE header
-            buf = torch.zeros(combined_size(cached), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors, STATUS_RESHAPE))
-            self._isend(buf, dst)
-        else:
-            self._isend(encode_header(tensors).view(torch.uint8).to(self.device), dst)
-        for p in payloads:
-            if p is not None:
-                self._isend(p, dst)
+        # The first message has the size the receiver expects (the cached one, or a header), then
+        # the payload message; the header tells the receiver its size.
+        first = torch.zeros(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
+                            device=self.device)
+        first[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors, STATUS_RESHAPE if cached else STATUS_OK))
+        payload = None
+        if combined_size(metas) > HEADER_BYTES:
+            payload = torch.empty(combined_size(metas) - HEADER_BYTES, dtype=torch.uint8, device=self.device)
+            _pack(payload, 0, payloads)
+        self.out[key] = (first, payload)
 
     def send_aborts(self, message: str) -> None:
         """After an error: an abort, in place of data, for every planned send not made yet."""
-        for key, dst in self.outgoing[self.num_sent :]:
+        for key, _ in self.outgoing[self.num_sent :]:
             cached = self.cache.get(self._ckey(key))
             buf = torch.zeros(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
                               device=self.device)
             buf[:HEADER_BYTES].view(torch.int64).copy_(encode_abort(message))
-            self._isend(buf, dst)
+            self.out[key] = (buf, None)
         self.num_sent = len(self.outgoing)
 
     # ------------------------------------------------------------------ step end
     def poll(self) -> None:
-        """Drops finished sends (payload receives are posted by the receiver threads)."""
-        if len(self.sends) > 64:
-            self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
+        """Drops groups whose works were all waited (their buffers); never changes what is posted
+        next. (Sends are waited at ``finish``: a send's buffer is a packed copy.)"""
+        if len(self.in_flight) > 16:
+            self.in_flight = [g for g in self.in_flight if not g.done()]
 
     def drain(self) -> None:
         """After an error: consume every expected transfer (data or abort), then finish sends."""
-        for key in list(self.recvs):
-            with contextlib.suppress(PeerAbort, RuntimeError):
-                self.recv(key)
+        self.post(len(self.rounds))
+        for key in self.recvs:
+            if key not in self.consumed:
+                with contextlib.suppress(PeerAbort, RuntimeError):
+                    self.recv(key)
         self.finish()
 
     def finish(self) -> None:
-        for w, _ in self.sends:
-            w.wait()
-        self.sends.clear()
-        for t in self._threads:
-            t.join()
+        """Posts the rounds still due (the last sends), then waits for every group."""
+        self.post(len(self.rounds))
+        self._finish_round()
+        for g in self.in_flight:
+            g.wait()
+        self.in_flight.clear()

@@ -2,9 +2,12 @@
 
 Per step: ``transfer_plan`` lists, from the schedule alone, what this rank sends (in order) and
 what each peer sends it (in that peer's order); ``P2P`` posts receives strictly in those orders
-(NCCL's matching rule). Each action then waits only for the transfer it consumes, sends its
-results without waiting (the send runs while the next action computes), and frees a sent
-output's storage (autograd keeps only the graph).
+(NCCL's matching rule); ``transfer_rounds`` puts every transfer in a round, the same on every
+rank. Before each action the rank posts its rounds (one group each, see ``dualpipe.comm``) up to
+the one holding its previous action's sends (so they run while this action computes) and this
+action's inputs. The action then waits only for the transfers it consumes, packs its results for
+their round, and frees a sent output's storage (the send holds a packed copy; autograd keeps only
+the graph).
 
 Errors: a rank that fails sends an abort for every transfer it still owes, drains what it was
 going to receive, and re-raises; its peers get the abort instead of data, do the same, and every
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dualpipe.comm import ACT, GRAD, P2P, Key
+from dualpipe.comm import ACT, GRAD, P2P, Key, Round
 from dualpipe.schedules import Action, Schedule
 from dualpipe.simulator import TimelineEvent
 from dualpipe.weight_grad import WeightGradStore
@@ -99,6 +102,87 @@ def transfer_plan(schedule: Schedule, rank: int, training: bool) -> tuple[dict[i
     return incoming, _sends_of(schedule, rank, training)
 
 
+_UNIT_COST = {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 3.0}
+
+
+def transfer_rounds(schedule: Schedule, rank: int, training: bool) -> tuple[list[Round], list[int]]:
+    """``(rounds, post_before)`` of ``rank``: the P2P rounds it takes part in, in the global order,
+    and per action how many of them to have posted before it runs (see ``dualpipe.comm``).
+
+    A transfer's round is the time its data is produced when the schedule runs with unit costs
+    (F 1, B 2, split B 1, W 1, F&B 3, free transfers): a clock every rank computes alike. Before
+    action i a rank posts its rounds up to the later of its previous action's sends and action
+    i's inputs; no send of action i or later is due by then (its data comes later on that clock).
+    """
+    acts = [step_actions(schedule, r, training) for r in range(schedule.num_ranks)]
+    last = schedule.num_stages - 1
+    produced: dict[Key, float] = {}
+    ends: list[list[float]] = [[] for _ in acts]
+    free = [0.0] * len(acts)
+    moved = True
+    while moved:
+        moved = False
+        for r, actions in enumerate(acts):
+            while len(ends[r]) < len(actions):
+                a = actions[len(ends[r])]
+                ins, outs = _halves(schedule, a, last)
+                if any(k not in produced for k in ins):
+                    break
+                start = max([free[r], *(produced[k] for k in ins)])
+                cost = 1.0 if (a.kind == "B" and a.split) else _UNIT_COST[a.kind]
+                free[r] = start + cost
+                ends[r].append(free[r])
+                for k in outs:
+                    produced[k] = free[r]
+                moved = True
+    if any(len(e) < len(a) for e, a in zip(ends, acts, strict=True)):
+        raise RuntimeError(f"{schedule.name}: the actions' data dependencies form a cycle")
+    incoming, outgoing = transfer_plan(schedule, rank, training)
+    times = sorted({produced[k] for k, _ in outgoing} | {produced[k] for keys in incoming.values() for k in keys})
+    index = {t: i for i, t in enumerate(times)}
+    per: dict[int, Round] = {}
+    for k, dst in outgoing:
+        per.setdefault(index[produced[k]], ([], []))[0].append((k, dst))
+    for src in sorted(incoming):
+        for k in incoming[src]:
+            per.setdefault(index[produced[k]], ([], []))[1].append((k, src))
+    order = sorted(per)
+    rounds = [per[i] for i in order]
+    position = {i: n for n, i in enumerate(order)}
+    round_of = {k: position[index[produced[k]]] for r in rounds for k, _ in (*r[0], *r[1])}
+    post_before, upto = [], 0
+    prev_sends: list[Key] = []
+    for a in acts[rank]:
+        ins, outs = _halves(schedule, a, last)
+        due = [round_of[k] + 1 for k in (*prev_sends, *ins) if k in round_of]
+        upto = max([upto, *due])
+        post_before.append(upto)
+        prev_sends = outs
+    return rounds, post_before
+
+
+def _halves(schedule: Schedule, a: Action, last: int) -> tuple[list[Key], list[Key]]:
+    """The transfers an action consumes and produces (local ones too)."""
+    halves = [] if a.kind == "W" else [("F" if a.kind in ("F", "FB") else "B", a.stage, a.chunk)]
+    if a.kind == "FB":
+        assert a.bwd is not None
+        halves.append(("B", *a.bwd))
+    ins: list[Key] = []
+    outs: list[Key] = []
+    for kind, st, c in halves:
+        if kind == "F":
+            if st > 0:
+                ins.append((ACT, st, c))
+            if st < last:
+                outs.append((ACT, st + 1, c))
+        else:
+            if st < last:
+                ins.append((GRAD, st, c))
+            if st > 0:
+                outs.append((GRAD, st - 1, c))
+    return ins, outs
+
+
 @dataclass
 class StepData:
     """What one rank brings to a step and takes from it (chunk ids are the schedule's)."""
@@ -116,7 +200,7 @@ class Executor:
     """Runs ``schedule``'s actions for pipeline rank ``rank`` with stage ``modules`` (by slot)."""
 
     def __init__(self, schedule: Schedule, rank: int, modules: Sequence[nn.Module], p2p: P2P, data: StepData,
-                 overlap: bool = True, record: bool = False):
+                 overlap: bool = True, record: bool = False, post_before: Sequence[int] | None = None):
         self.s, self.rank, self.modules, self.p2p, self.d = schedule, rank, list(modules), p2p, data
         self.last = schedule.num_stages - 1
         self.inputs: dict[tuple[int, int], Tensors] = {}
@@ -131,6 +215,8 @@ class Executor:
             self.hook = getattr(type(m0), "overlapped_forward_backward", None)
         self.hook_calls: list[tuple[int, int, int, int]] = []
         self.actions = step_actions(schedule, rank, data.training)
+        # Rounds of P2P groups to have posted before each action (transfer_rounds; all at once if None).
+        self.post_before = list(post_before) if post_before is not None else [10**9] * len(self.actions)
 
     # ------------------------------------------------------------------ placement helpers
     def _rank_of(self, stage: int, chunk: int) -> int:
@@ -248,12 +334,12 @@ class Executor:
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
-        self.p2p.start()
         try:
-            for a in self.actions:
+            for a, num_rounds in zip(self.actions, self.post_before, strict=True):
                 self.p2p.poll()
                 t0 = time.perf_counter() if self.record else 0.0
                 waited = self.p2p.wait_s
+                self.p2p.post(num_rounds)
                 if a.kind == "F":
                     self._forward(a.stage, a.chunk)
                 elif a.kind == "B":

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.comm import P2P, PeerAbort
-from dualpipe.executor import Executor, StepData, transfer_plan
+from dualpipe.executor import Executor, StepData, transfer_plan, transfer_rounds
 from dualpipe.schedules import (
     Schedule,
     dualpipe_schedule,
@@ -39,7 +39,9 @@ class Pipeline(nn.Module):
 
     After a step: ``hook_calls`` lists the (F stage, F chunk, B stage, B chunk) of every
     ``overlapped_forward_backward`` call on this rank; with ``record_timeline = True``,
-    ``timeline`` holds this rank's measured actions (see ``gather_timeline``).
+    ``timeline`` holds this rank's measured actions (see ``gather_timeline``); with
+    ``record_p2p = True``, ``p2p_groups`` lists the step's posted P2P groups, each a list of
+    ``(op, peer pipeline rank, bytes)`` (what the NCCL model test checks).
     """
 
     num_slots = 1
@@ -70,14 +72,12 @@ class Pipeline(nn.Module):
                       for p in range(self.num_ranks)]
         param = next(self.module.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
-        if dist.get_backend(self.group) == "nccl":
-            raise NotImplementedError(f"{type(self).__name__}: NCCL is not supported yet: its receives block the "
-                                      "stream until matched, so the receives this executor posts ahead could hold "
-                                      "back its own sends (see dualpipe.comm); use a gloo (or MPI) process group")
         self.overlap = True  # call overlapped_forward_backward when the stage class defines it
         self.record_timeline = False
         self.timeline: list[TimelineEvent] = []
         self.hook_calls: list[tuple[int, int, int, int]] = []
+        self.record_p2p = False
+        self.p2p_groups: list[list[tuple[str, int, int]]] = []
         self._p2p_cache: dict = {}  # transfer shapes of the last step (see dualpipe.comm.P2P)
         self._plans: dict[tuple[int, bool], tuple] = {}  # (num_chunks, training) -> transfer_plan
 
@@ -110,10 +110,14 @@ class Pipeline(nn.Module):
         assert sched is not None and data is not None
         plan_key = (sched.num_chunks, training)
         if plan_key not in self._plans:
-            self._plans[plan_key] = transfer_plan(sched, self.rank, training)
-        incoming, outgoing = self._plans[plan_key]
-        p2p = P2P(self.group, self.peers, self.device, sched.num_chunks, incoming, outgoing, self._p2p_cache)
-        ex = Executor(sched, self.rank, list(self.module), p2p, data, overlap=self.overlap, record=self.record_timeline)
+            self._plans[plan_key] = (*transfer_plan(sched, self.rank, training),
+                                     *transfer_rounds(sched, self.rank, training))
+        incoming, outgoing, rounds, post_before = self._plans[plan_key]
+        groups: list | None = [] if self.record_p2p else None
+        p2p = P2P(self.group, self.peers, self.device, sched.num_chunks, incoming, outgoing, rounds,
+                  self._p2p_cache, groups)
+        ex = Executor(sched, self.rank, list(self.module), p2p, data, overlap=self.overlap,
+                      record=self.record_timeline, post_before=post_before)
         try:
             ex.run()
         except Exception as e:
@@ -123,6 +127,7 @@ class Pipeline(nn.Module):
         self._agree_on_end(error)
         self.hook_calls = ex.hook_calls
         self.timeline = ex.events
+        self.p2p_groups = groups or []
         return self._results(sched, data)
 
     def _prepare(self, sched: Schedule, inputs: tuple, labels: Sequence[torch.Tensor], criterion: Callable | None,

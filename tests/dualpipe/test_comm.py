@@ -58,9 +58,9 @@ def test_plan_pairs_every_send_with_one_receive_in_sender_order(fn, ranks: int, 
 
 def test_send_out_of_the_planned_order_is_refused_before_any_message() -> None:
     plan = [((ACT, 1, 0), 1), ((ACT, 1, 1), 1)]
-    p2p = P2P(None, [0, 1], torch.device("cpu"), 2, {}, plan)
+    p2p = P2P(None, [0, 1], torch.device("cpu"), 2, {}, plan, [])
     with pytest.raises(RuntimeError, match="out of the planned order"):
         p2p.send((ACT, 1, 1), 1, [torch.randn(2)])
-    assert p2p.sends == []
+    assert p2p.out == {}
     with pytest.raises(RuntimeError, match="out of the planned order"):
         p2p.send((ACT, 1, 0), 0, [torch.randn(2)])  # right key, wrong destination
