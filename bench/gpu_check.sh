@@ -61,7 +61,7 @@ if [ "$dry" = 1 ]; then
 else
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || status=1
 fi
-$py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
+$py -c "import setuptools, torch, sys; print('python', sys.version.split()[0], 'setuptools', setuptools.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" || status=1
 
 if [ "$dry" = 0 ]; then
   step "build (DSV3_CUDA=1: sm_90a and sm_80 kernels, in place)"
