@@ -14,8 +14,11 @@ machine; nothing here changes it, so ours, the ceiling and the peers run with th
 
 Peers (same run, same machine):
 - ceiling: ``all_to_all_single`` of exactly the payload bytes our dispatch and combine move
-  (same split sizes), no packing, no counts, and its input and output tensors allocated once
-  and reused (the strictest ceiling: ours must return freshly allocated recv_x / combined_x);
+  (same split sizes), no packing, no counts, no layout, and its input and output tensors
+  allocated once and reused. Ours returns recv_x / combined_x in cached memory that no tensor
+  references any more (comm/memory.py, a caching allocator's rule): here each round drops the
+  previous round's outputs, so the cache serves every round, as it does in a model that
+  releases them before the next step; outputs the caller still holds get new memory;
 - naive: the common plain-PyTorch design that sends one copy per (token, expert) pair
   (argsort + index + count exchange + all_to_all_single, back, weighted index_add_);
 - deepspeed: DeepSpeed MoE's ``_AllToAll`` (over ``deepspeed.comm``, initialised on the existing

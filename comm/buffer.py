@@ -13,11 +13,15 @@ the rows from every rank that received it, in FP32 (FP64 for float64 rows).
 Cost model (CPU, gloo, measured in bench/bench_comm.py): the transfer dominates once the buffers
 are right. What used to dominate was first-touch page faults of freshly allocated 60 MB
 buffers (several times the cost of the copy that fills them): send and reverse-receive buffers
-now come from a reused pool and returned tensors get huge pages (comm/memory.py). Every small
+come from a reused pool, and recv_x / combined_x from cached memory that no tensor references
+any more (comm/memory.py: memory the caller still holds is never handed out again). Every small
 collective costs one round trip, so there are as few as the API allows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,6 +35,19 @@ from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
 __all__ = ["Buffer"]
 
 _INPUT_ERRORS = (TypeError, ValueError, RuntimeError)
+
+
+@dataclass
+class _Packed:
+    """A dispatch's packed send side: send_pos [T, R], the side rows (or None), the top-k width
+    k (None when no top-k travels), the main rows (a pooled scratch buffer) and the function that
+    returns it to the pool."""
+
+    send_pos: torch.Tensor
+    send_side: torch.Tensor | None
+    k: int | None
+    send_main: torch.Tensor
+    release: Callable[[], None]
 
 
 def _payload_parts(x: object) -> list[torch.Tensor]:
@@ -201,20 +218,30 @@ class Buffer:
         except _INPUT_ERRORS as err:
             error = err
         # Everyone exchanges counts (and error flags): rank r learns how many rows each peer sends.
+        # In flat mode the send buffers are packed while the counts travel (packing needs none).
         send_counts = torch.zeros((self.group_size, 1), dtype=torch.int64, device=self._count_device)
         if error is None:
             send_counts[:, 0] = per_rank.to(send_counts.device)
-        recv_counts = exchange_counts(send_counts, self.group, error, "dispatch")
+        counts_arrived = exchange_counts(send_counts, self.group, error, "dispatch", async_op=True)
+        packed = None
+        if error is None and self._node is None:
+            experts_per_rank = num_experts // self.group_size
+            weights = (topk_weights.contiguous() if topk_weights is not None
+                       else torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device))
+            send_splits = tuple(per_rank.tolist())
+            packed = self._pack(parts, in_rank, send_splits, topk_idx, weights, experts_per_rank)
+        try:
+            recv_counts = counts_arrived()
+        except BaseException:  # another rank's bad input (CollectiveInputError) or a backend error
+            if packed is not None:
+                packed.release()
+            raise
         if self._node is not None:
             return self._node.dispatch(x, parts, topk_idx, topk_weights, num_experts, in_rank, expert_alignment,
                                        async_finish)
-        experts_per_rank = num_experts // self.group_size
-        weights = (topk_weights.contiguous() if topk_weights is not None
-                   else torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device))
-        send_splits = tuple(send_counts[:, 0].tolist())
         recv_splits = tuple(recv_counts[:, 0].tolist())
         recv_parts, event, send_pos = self._move(parts, in_rank, send_splits, recv_splits, topk_idx, weights,
-                                                 experts_per_rank, async_finish, wait_side=True)
+                                                 experts_per_rank, async_finish, wait_side=True, packed=packed)
         handle = DispatchHandle(self._owner, self.group_size, parts[0].shape[0], sum(recv_splits), in_rank, send_pos,
                                 send_splits, recv_splits)
         recv_x = self._form(x, recv_parts[: len(parts)])
@@ -226,10 +253,32 @@ class Buffer:
         counts_list = [-(-c // align) * align for c in per_expert_recv.tolist()]
         return recv_x, recv_idx, (recv_w if topk_weights is not None else None), counts_list, handle, event
 
+    @staticmethod
+    def _pack(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
+              topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, experts_per_rank: int,
+              expert_base: int = 0) -> _Packed:
+        """The send side of ``_move``: local work only (it needs no count from a peer), so the
+        dispatch runs it while its count exchange is in flight."""
+        device = parts[0].device
+        s = sum(send_splits)
+        send_pos = kernels.send_positions(in_rank)
+        side, k = parts[1:], (topk_idx.shape[1] if topk_idx is not None else None)
+        side_width = kernels.row_bytes(side, k or 0)
+        send_side = None
+        if side_width:
+            send_side = torch.empty((s, side_width), dtype=torch.uint8, device=device)
+            kernels.pack_into(send_side, side, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base)
+        main = parts[0]
+        width = main.shape[1] * main.element_size()
+        send_bytes, release = memory.scratch(s * width, device)
+        send_main = send_bytes.view(s, width)
+        kernels.pack_into(send_main, [main], send_pos)
+        return _Packed(send_pos, send_side, k, send_main, release)
+
     def _move(self, parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
               recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
               experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None = None,
-              expert_base: int = 0, wait_side: bool = False):
+              expert_base: int = 0, wait_side: bool = False, packed: _Packed | None = None):
         """Sends row t of every part to each rank r with in_rank[t, r]; what arrives is ordered by
         source rank, then source row.
 
@@ -237,37 +286,32 @@ class Buffer:
         and with topk_idx the top-k made local to each receiver, packed into rows and unpacked on
         arrival), then parts[0], packed into a pooled send buffer and received straight into the
         tensor returned. With ``wait_side`` the side message has arrived when this returns (the
-        caller needs the received top-k now); the main payload completes at the event.
+        caller needs the received top-k now); the main payload completes at the event. ``packed``:
+        the send side, already packed by ``_pack`` with the same arguments.
 
         Returns (received parts [+ recv_topk_idx, recv_topk_weights], event, send_pos [T, R])."""
         group = self.group if group is None else group
+        if packed is None:
+            packed = self._pack(parts, in_rank, send_splits, topk_idx, topk_weights, experts_per_rank, expert_base)
         device = parts[0].device
-        n, s = sum(recv_splits), sum(send_splits)
-        send_pos = kernels.send_positions(in_rank)
+        n = sum(recv_splits)
         works, finish = [], []
 
-        side, k = parts[1:], (topk_idx.shape[1] if topk_idx is not None else 0)
+        side, k = parts[1:], packed.k
         side_outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in side]
-        if topk_idx is not None:
+        if k is not None:
             side_outs += [torch.empty((n, k), dtype=torch.int64, device=device),
                           torch.empty((n, k), dtype=torch.float32, device=device)]
-        side_width = kernels.row_bytes(side, k)
         side_work = None
-        if side_width:
-            send_side = torch.empty((s, side_width), dtype=torch.uint8, device=device)
-            kernels.pack_into(send_side, side, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base)
-            recv_side = torch.empty((n, side_width), dtype=torch.uint8, device=device)
-            side_work = launch_all_to_all(recv_side, send_side, recv_splits, send_splits, group, async_op=True)
+        if packed.send_side is not None:
+            recv_side = torch.empty((n, packed.send_side.shape[1]), dtype=torch.uint8, device=device)
+            side_work = launch_all_to_all(recv_side, packed.send_side, recv_splits, send_splits, group, async_op=True)
 
         main = parts[0]
-        width = main.shape[1] * main.element_size()
-        send_bytes, release = memory.scratch(s * width, device)
-        send_main = send_bytes.view(s, width)
-        kernels.pack_into(send_main, [main], send_pos)
-        recv_main = memory.empty((n, main.shape[1]), main.dtype, device)
-        works.append(launch_all_to_all(kernels.as_bytes(recv_main), send_main, recv_splits, send_splits, group,
+        recv_main = memory.output((n, main.shape[1]), main.dtype, device)
+        works.append(launch_all_to_all(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits, group,
                                        async_op=True))
-        finish.append(release)  # once the main exchange has finished reading the send buffer
+        finish.append(packed.release)  # once the main exchange has finished reading the send buffer
 
         if side_work is not None:
             def unpack_side() -> None:
@@ -283,7 +327,7 @@ class Buffer:
         if not async_finish:
             event.current_stream_wait()
             event = EventOverlap()
-        return [recv_main, *side_outs], event, send_pos
+        return [recv_main, *side_outs], event, packed.send_pos
 
     @staticmethod
     def _form(x: object, parts: list[torch.Tensor]):
@@ -369,7 +413,7 @@ class Buffer:
             back_bytes, release = memory.scratch(s * t.shape[1] * t.element_size(), t.device)
             back = back_bytes.view(t.dtype).view(s, t.shape[1])
             works.append(launch_all_to_all(back, t, send_splits, recv_splits, group, async_op=True))
-            out = memory.empty((num_tokens, t.shape[1]), t.dtype, t.device)
+            out = memory.output((num_tokens, t.shape[1]), t.dtype, t.device)
 
             def reduce(back=back, out=out, release=release) -> None:
                 kernels.combine_reduce_into(back, send_pos, out)

@@ -35,10 +35,14 @@ def _raise_if_flagged(flags: list[int], own: BaseException | None, what: str) ->
 
 
 def exchange_counts(
-    send: torch.Tensor, group: dist.ProcessGroup | None, error: BaseException | None, what: str
-) -> torch.Tensor:
+    send: torch.Tensor, group: dist.ProcessGroup | None, error: BaseException | None, what: str,
+    async_op: bool = False,
+):
     """All-to-all of one int64 row per destination rank ([R, c] -> [R, c] by source rank), with an
-    error flag appended to every row: if any rank passed ``error``, every rank raises."""
+    error flag appended to every row: if any rank passed ``error``, every rank raises.
+
+    With ``async_op`` the exchange is only launched, and a function is returned that waits for it
+    and then returns the counts (or raises): local work placed in between overlaps the round trip."""
     num_ranks = dist.get_world_size(group)
     flagged = torch.zeros((num_ranks, send.shape[1] + 1), dtype=torch.int64, device=send.device)
     if error is None:
@@ -46,9 +50,15 @@ def exchange_counts(
     else:
         flagged[:, -1] = 1
     recv = torch.empty_like(flagged)
-    dist.all_to_all_single(recv, flagged, group=group)
-    _raise_if_flagged(recv[:, -1].tolist(), error, what)
-    return recv[:, :-1]
+    work = dist.all_to_all_single(recv, flagged, group=group, async_op=async_op)
+
+    def arrived() -> torch.Tensor:
+        if work is not None:
+            work.wait()
+        _raise_if_flagged(recv[:, -1].tolist(), error, what)
+        return recv[:, :-1]
+
+    return arrived if async_op else arrived()
 
 
 def agree_no_error(group: dist.ProcessGroup | None, error: BaseException | None, device: torch.device, what: str) -> None:

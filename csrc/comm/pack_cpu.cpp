@@ -18,9 +18,12 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "../common/cpu_features.h"
 #include "comm_checks.h"
+#include "rows.h"
 
 namespace dsv3 {
 namespace {
@@ -75,6 +78,8 @@ void moe_dispatch_pack_cpu(at::TensorList payloads, const at::Tensor& send_pos,
   const int64_t* idx = k ? topk_idx->data_ptr<int64_t>() : nullptr;
   const float* wts = k ? topk_weights->data_ptr<float>() : nullptr;
   uint8_t* dst = out.data_ptr<uint8_t>();
+  const bool avx2 = active_cpu_isa() >= CpuIsa::kAvx2;
+  const auto copy_row = avx2 ? &copy_row_avx2 : &copy_row_portable;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, row_bytes * num_ranks));
   at::parallel_for(0, t_count, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -83,7 +88,7 @@ void moe_dispatch_pack_cpu(at::TensorList payloads, const at::Tensor& send_pos,
         if (p < 0) continue;
         uint8_t* row = dst + p * row_bytes;
         for (size_t i = 0; i < src.size(); ++i) {
-          std::memcpy(row, src[i] + t * widths[i], widths[i]);
+          copy_row(row, src[i] + t * widths[i], widths[i]);
           row += widths[i];
         }
         if (k == 0) continue;
@@ -98,6 +103,7 @@ void moe_dispatch_pack_cpu(at::TensorList payloads, const at::Tensor& send_pos,
         }
       }
     }
+    if (avx2) copy_rows_done_avx2();  // streamed rows are visible before the exchange reads them
   });
 }
 
@@ -130,8 +136,21 @@ void moe_unpack_rows_cpu(const at::Tensor& buf, at::TensorList outs) {
   });
 }
 
-// out[t] = sum over ranks r (in rank order) of recv[send_pos[t, r]], accumulated in FP32; zero for
-// a token sent nowhere. Writes into `out` so that an async combine fills the tensor it returned.
+template <typename T>
+using SumRowsFn = void (*)(const T* const*, int64_t, int64_t, T*);
+
+// The per-token sum for this dtype and the active instruction set (rows.h).
+template <typename T>
+SumRowsFn<T> pick_sum_rows() {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    if (active_cpu_isa() >= CpuIsa::kAvx2) return &sum_rows_avx2<T>;
+  }
+  return &sum_rows_portable<T>;
+}
+
+// out[t] = sum over ranks r (in rank order) of recv[send_pos[t, r]], accumulated in FP32 (FP64 for
+// float64); zero for a token sent nowhere. One pass: each token's rows are read once and its
+// output row written once. Writes into `out` so that an async combine fills the tensor it returned.
 void moe_combine_reduce_cpu(const at::Tensor& recv, const at::Tensor& send_pos, const at::Tensor& out) {
   comm_checks::combine_reduce_args(recv, send_pos, out);
   const int64_t s_count = recv.size(0), h = recv.size(1);
@@ -141,28 +160,21 @@ void moe_combine_reduce_cpu(const at::Tensor& recv, const at::Tensor& send_pos, 
     TORCH_CHECK(pos[i] < s_count, "moe_combine_reduce: send_pos entry ", pos[i], " past the ", s_count, " rows");
   if (out.numel() == 0) return;
   DSV3_DISPATCH_COMM_FLOATS(recv.scalar_type(), "moe_combine_reduce", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    const SumRowsFn<scalar_t> sum_rows = pick_sum_rows<scalar_t>();
     const scalar_t* in = recv.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h * num_ranks));
     at::parallel_for(0, t_count, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(h);
+      std::vector<const scalar_t*> rows(num_ranks);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t* p = pos + t * num_ranks;
-        int64_t r = 0;
-        while (r < num_ranks && p[r] < 0) ++r;
-        if (r == num_ranks) {  // sent nowhere: zeros
+        int64_t n = 0;
+        for (int64_t r = 0; r < num_ranks; ++r)
+          if (p[r] >= 0) rows[n++] = in + p[r] * h;
+        if (n == 0)  // sent nowhere: zeros
           std::fill(o + t * h, o + (t + 1) * h, static_cast<scalar_t>(0));
-          continue;
-        }
-        const scalar_t* first = in + p[r] * h;
-        for (int64_t c = 0; c < h; ++c) acc[c] = static_cast<acc_t>(first[c]);
-        for (++r; r < num_ranks; ++r) {
-          if (p[r] < 0) continue;
-          const scalar_t* row = in + p[r] * h;
-          for (int64_t c = 0; c < h; ++c) acc[c] += static_cast<acc_t>(row[c]);
-        }
-        for (int64_t c = 0; c < h; ++c) o[t * h + c] = static_cast<scalar_t>(acc[c]);
+        else
+          sum_rows(rows.data(), n, h, o + t * h);
       }
     });
   });
