@@ -120,6 +120,8 @@ def test_memory_bound(benchmark, m: int, impl: str) -> None:
 @pytest.mark.parametrize("impl", ["ours", "matmul_bf16", "matmul_fp32"])
 def test_grouped_contiguous(benchmark, impl: str) -> None:
     g, rows, n, k = 8, 512, 2048, 7168
+    if impl == "matmul_bf16" and (why := _bf16_too_slow()):  # minutes per call without AMX (timed out)
+        pytest.skip(why)
     m = g * rows
     work = 2.0 * m * n * k
     if impl == "ours":

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "gemm_kernels.h"
 
@@ -106,16 +107,6 @@ void micro_avx2(const float* ap, int64_t lda, const float* bp, int64_t k0, int64
   }
 }
 
-// 16 e4m3 bytes -> two vectors of 8 fp32 (value / 256) in order, without NaN handling (the
-// caller tracks NaN bytes separately): each byte becomes the high byte of a 16-bit lane, an
-// arithmetic shift by one puts exponent and mantissa into the fp16 fields while copying the
-// sign, and the mask drops the copy.
-inline void e4m3x16_to_f32_fast(__m128i x, __m256& lo, __m256& hi) {
-  const __m128i zero = _mm_setzero_si128(), mask = _mm_set1_epi16(static_cast<int16_t>(0xBF80));
-  lo = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(zero, x), 1), mask));
-  hi = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(zero, x), 1), mask));
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -123,86 +114,135 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MR rows of A against R rows of B over all of K; B bytes are decoded once per 16 and used by
-// every row of A. NaN bytes of B are tracked with one running byte maximum of |byte| and, when
-// one is seen, the affected rows are found afterwards (a rare path).
-template <int MR, int R>
+// ---- GEMV ----
+// The GEMV decodes each B byte once per kGemvMr rows of A, so its decoder must be cheap (F16C's
+// vcvtph2ps issues at about one per cycle on Zen 3 and bounded the old fp16 route). Here 32 e4m3
+// bytes become 4 x 8 fp32 with shifts and ands only: in lane J (J = 0..3), 32-bit element i
+// holds byte 4i + J, moved to the top of its lane (<< 24 - 8J), shifted right by 4 with the sign
+// copied, and masked to sign | 4 exponent bits | 3 mantissa bits in fp32's fields. That fp32 is
+// the e4m3 value * 2^-120, exactly, for normals and subnormals alike (e4m3 subnormals become
+// fp32 subnormals: the kernel clears MXCSR.DAZ while it runs). NaN codes decode to a finite
+// value; a running byte maximum flags them (see gemv_tile).
+constexpr int kGemvStep = 32;          // B bytes per row per step (one AVX2 load)
+constexpr float kGemvAScale = 0x1p64f;  // A is packed as value * 2^64 (products stay normal)
+constexpr float kGemvUnscale = 0x1p56f;  // 2^120 / 2^64: restores a block partial before promotion
+
+template <int J>
+inline __m256 e4m3_lane(__m256i x) {
+  const __m256i t = J == 3 ? x : _mm256_slli_epi32(x, 24 - 8 * J);
+  return _mm256_castsi256_ps(
+      _mm256_and_si256(_mm256_srai_epi32(t, 4), _mm256_set1_epi32(static_cast<int>(0x87F00000u))));
+}
+
+// A row in the GEMV layout: value * 2^64; in every 32-column chunk, column 4i + J is stored at
+// offset 8J + i (the order e4m3_lane produces for B); zero padded to a multiple of 32.
+void gemv_pack_a_avx2(const uint8_t* src, int64_t k, float* dst) {
+  alignas(32) float tmp[kGemvStep];
+  for (int64_t c = 0; c < k; c += kGemvStep) {
+    const int64_t n = std::min<int64_t>(kGemvStep, k - c);
+    convert_avx2(src + c, n, tmp);  // value / 256
+    for (int64_t t = n; t < kGemvStep; ++t) tmp[t] = 0.0f;
+    for (int t = 0; t < kGemvStep; ++t) dst[c + (t & 3) * 8 + (t >> 2)] = tmp[t] * (kGemvAScale * kDecodeFactor);
+  }
+}
+
+// MR rows of A against R rows of B over all of K: per step, R 32-byte loads of B, each lane
+// decoded once and FMA'd into MR rows (NA accumulator sets break the FMA chains when MR * R is
+// small). Each 128-K block's partial is promoted with sa * sb.
+template <int MR, int R, int NA>
 void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const uint8_t* const* b,
-               const float* const* sb, int64_t k, float* out) {
-  const __m128i m7f = _mm_set1_epi8(0x7F);
-  __m128i nan_max = _mm_setzero_si128();
+               const float* const* sb, int64_t k, float* out, int64_t ldo) {
+  const __m256i m7f = _mm256_set1_epi8(0x7F);
+  __m256i nan_max = _mm256_setzero_si256();
   __m256 tot[MR][R];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < R; ++r) tot[i][r] = _mm256_setzero_ps();
   for (int64_t b0 = 0, kb = 0; b0 < k; b0 += kBlockK, ++kb) {
-    const int64_t len = std::min(kBlockK, k - b0);
-    __m256 acc[MR][R];
+    const int64_t b1 = std::min(k, b0 + kBlockK);
+    __m256 acc[NA][MR][R];
+#pragma GCC unroll 2
+    for (int s = 0; s < NA; ++s)
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-    auto step = [&](const __m128i* xs, int64_t kk) {
+        for (int r = 0; r < R; ++r) acc[s][i][r] = _mm256_setzero_ps();
+    auto lane = [&](const __m256i* x, const float* ak, auto j) {
+      constexpr int J = decltype(j)::value;
+      __m256 bv[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m128i x = _mm_loadu_si128(xs + r);
-        nan_max = _mm_max_epu8(nan_max, _mm_and_si128(x, m7f));
-        __m256 lo, hi;
-        e4m3x16_to_f32_fast(x, lo, hi);
+      for (int r = 0; r < R; ++r) bv[r] = e4m3_lane<J>(x[r]);
 #pragma GCC unroll 4
-        for (int i = 0; i < MR; ++i) {
-          const float* ai = a + i * lda + kk;
-          acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai), lo, acc[i][r]);
-          acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(ai + 8), hi, acc[i][r]);
-        }
+      for (int i = 0; i < MR; ++i) {
+        const __m256 av = _mm256_loadu_ps(ak + i * lda + 8 * J);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[J % NA][i][r] = _mm256_fmadd_ps(av, bv[r], acc[J % NA][i][r]);
       }
     };
-    const int64_t full = len & ~int64_t{15};
-    for (int64_t kk = b0; kk < b0 + full; kk += 16) {
-      __m128i xs[R];
+    auto step = [&](const __m256i* x, int64_t kk) {
+      lane(x, a + kk, std::integral_constant<int, 0>{});
+      lane(x, a + kk, std::integral_constant<int, 1>{});
+      lane(x, a + kk, std::integral_constant<int, 2>{});
+      lane(x, a + kk, std::integral_constant<int, 3>{});
+    };
+    int64_t kk = b0;
+    for (; kk + kGemvStep <= b1; kk += kGemvStep) {
+      __m256i x[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) xs[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[r] + kk));
-      step(xs, kk);
-    }
-    if (full < len) {  // the K tail: zero-padded copies (A is zero padded by the caller)
-      __m128i xs[R];
       for (int r = 0; r < R; ++r) {
-        alignas(16) uint8_t buf[16] = {};
-        std::memcpy(buf, b[r] + b0 + full, static_cast<size_t>(len - full));
-        xs[r] = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+        x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + kk));
+        _mm_prefetch(reinterpret_cast<const char*>(b[r] + kk) + 512, _MM_HINT_T0);
+        nan_max = _mm256_max_epu8(nan_max, _mm256_and_si256(x[r], m7f));
       }
-      step(xs, b0 + full);
+      step(x, kk);
     }
+    if (kk < b1) {  // the K tail: zero-padded copies (A is zero padded by gemv_pack_a)
+      __m256i x[R];
+      for (int r = 0; r < R; ++r) {
+        alignas(32) uint8_t buf[kGemvStep] = {};
+        std::memcpy(buf, b[r] + kk, static_cast<size_t>(b1 - kk));
+        x[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+        nan_max = _mm256_max_epu8(nan_max, _mm256_and_si256(x[r], m7f));
+      }
+      step(x, kk);
+    }
+    const __m256 unscale = _mm256_set1_ps(kGemvUnscale);
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
       const float s_a = sa[i * ldsa + kb];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-        tot[i][r] = _mm256_fmadd_ps(acc[i][r], _mm256_set1_ps(s_a * (sb[r][kb] * kDecodeScale)), tot[i][r]);
+      for (int r = 0; r < R; ++r) {
+        __m256 p = acc[0][i][r];
+        if (NA > 1) p = _mm256_add_ps(p, acc[NA - 1][i][r]);
+        tot[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(p, unscale), _mm256_set1_ps(s_a * sb[r][kb]), tot[i][r]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < R; ++r) out[i * kGemvRows + r] = hsum(tot[i][r]);
-  if (_mm_movemask_epi8(_mm_cmpeq_epi8(nan_max, m7f)) != 0) {
+    for (int r = 0; r < R; ++r) out[i * ldo + r] = hsum(tot[i][r]);
+  if (_mm256_movemask_epi8(_mm256_cmpeq_epi8(nan_max, m7f)) != 0) {  // rare: find the rows
     for (int r = 0; r < R; ++r)
       if (std::any_of(b[r], b[r] + k, is_e4m3_nan))
-        for (int i = 0; i < MR; ++i) out[i * kGemvRows + r] = std::numeric_limits<float>::quiet_NaN();
+        for (int i = 0; i < MR; ++i) out[i * ldo + r] = std::numeric_limits<float>::quiet_NaN();
   }
 }
 
 void gemv_avx2(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
-               const float* const* sb, int rows, int64_t k, float* out) {
-  // rows is 4 (mr <= 3: 12 accumulators at most) or 3; b and sb always hold kGemvRows entries.
+               const float* const* sb, int64_t k, float* out, int64_t ldo) {
+  static_assert(kGemvRows == 3 && kGemvMr == 4, "gemv_avx2 is written for 3 B rows and up to 4 A rows");
   using Fn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t* const*, const float* const*,
-                      int64_t, float*);
-  static constexpr Fn four[] = {&gemv_tile<1, 4>, &gemv_tile<2, 4>, &gemv_tile<3, 4>};
-  static constexpr Fn three[] = {&gemv_tile<1, 3>, &gemv_tile<2, 3>, &gemv_tile<3, 3>, &gemv_tile<4, 3>};
-  const Fn fn = rows == 4 && mr <= 3 ? four[mr - 1] : three[mr - 1];
-  fn(a, lda, sa, ldsa, b, sb, k, out);
+                      int64_t, float*, int64_t);
+  static constexpr Fn tiles[] = {&gemv_tile<1, 3, 2>, &gemv_tile<2, 3, 1>, &gemv_tile<3, 3, 1>, &gemv_tile<4, 3, 1>};
+  // e4m3 subnormals decode to fp32 subnormals: keep them (DAZ would read them as zero).
+  const unsigned csr = _mm_getcsr();
+  constexpr unsigned kDaz = 0x40;
+  if (csr & kDaz) _mm_setcsr(csr & ~kDaz);
+  tiles[mr - 1](a, lda, sa, ldsa, b, sb, k, out, ldo);
+  if (csr & kDaz) _mm_setcsr(csr);
 }
 
 }  // namespace
 
-KernelSet avx2_kernels() { return {&convert_avx2, &pack_b_avx2, &micro_avx2, &gemv_avx2}; }
+KernelSet avx2_kernels() { return {&convert_avx2, &pack_b_avx2, &micro_avx2, &gemv_pack_a_avx2, &gemv_avx2}; }
 
 }  // namespace gemm
 }  // namespace dsv3

@@ -2,16 +2,17 @@
 // 128-K block, and the four ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
 //
 // Two paths, sharing the building blocks of gemm_kernels.h (portable or AVX2 by cpuid):
-//   * packed (M > kGemvMaxM, compute-bound): A is decoded once per call (value / 256) into fp32
-//     rows; B, one slab of kSlabN columns at a time, into K-interleaved fp32 panels of kNr
-//     columns (8 x 8 register transposes). Tasks are kTileM x kTileN output tiles of the slab on
-//     torch's thread pool; a task walks K in chunks of kChunkK and, for each B panel chunk (kept
-//     in L1), sweeps its kMr-row groups of A (kept in L2) with the micro-kernel, which runs every
-//     128-K block of the chunk in registers and promotes each block's partial into the task's
-//     FP32 C tile with the A and B scales of the block.
-//   * GEMV (M <= kGemvMaxM, memory-bound): A is decoded once; tasks stream groups of B rows, each
-//     16-byte vector decoded once in registers and FMA'd into every row of A (B's bytes are
-//     read from memory once: half the bytes of a BF16 weight).
+//   * packed (M > kGemvMaxM, compute-bound): B, one slab of kSlabN columns at a time, is decoded
+//     (value / 256) into K-interleaved fp32 panels of kNr columns (8 x 8 register transposes).
+//     A task is a kTileM-row tile of A against one or more kTileN-column tiles of the slab; its
+//     worker decodes the tile's A rows into its own scratch (once while it stays on the tile).
+//     Per output tile it walks K in chunks of kChunkK and, for each B panel chunk (kept in L1),
+//     sweeps its kMr-row groups of A (kept in L2) with the micro-kernel, which runs every 128-K
+//     block of the chunk in registers and promotes each block's partial into the task's FP32 C
+//     tile with the A and B scales of the block.
+//   * GEMV (M <= kGemvMaxM, memory-bound): A is packed once (gemv_pack_a); tasks stream groups of
+//     kGemvRows B rows, each 32-byte vector decoded in registers once per kGemvMr rows of A
+//     (B's bytes are read from memory once: half the bytes of a BF16 weight).
 // The FP32 totals (+ C) are rounded once to d's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
+#include <thread>
 #include <vector>
 
 #include "../common/cpu_features.h"
@@ -66,7 +69,7 @@ void store(const GemmArgs& g, int64_t i, int64_t j, float v) {
 constexpr int64_t kGemvMaxM = 16;  // up to this many rows of A, the GEMV path
 constexpr int64_t kTileM = 16 * kMr;   // output rows per task: 16 A panels (96 KB per K chunk, L2)
 constexpr int64_t kTileN = 8 * kNr;    // output columns per task: 8 B panels
-constexpr int64_t kSlabN = 128 * kNr;  // B columns decoded at a time (7168 x 2048 fp32: 59 MB)
+constexpr int64_t kSlabN = 32 * kNr;  // B columns decoded at a time (7168 x 512 fp32: 15 MB, L3)
 constexpr int64_t kChunkK = 2 * kBlockK;  // K per micro-kernel call: a B panel chunk is 16 KB (L1)
 constexpr int64_t kTileLd = kTileN + 16;  // C tile row stride (+ a cache line: no 1 KiB aliasing)
 // Decoded A rows get one extra cache line of stride: with strides that are
@@ -75,16 +78,53 @@ constexpr int64_t kSkew = 16;
 
 float* floats(at::Tensor& t) { return t.data_ptr<float>(); }
 
-// Runs fn(t, scratch) for t in [0, n) on torch's threads, handing tasks out one at a time from a
-// shared counter: on a shared (oversubscribed) machine a descheduled thread then delays the
-// call by at most one task, where a static split would leave the others waiting for its half.
-// scratch: scratch_floats floats per worker thread.
+// Runs body(w) for w in [0, workers) concurrently; the caller runs worker 0.
+// ATen's at::parallel_for is a header-only `#pragma omp parallel` in OpenMP builds of torch:
+// compiled without -fopenmp (as setup.py builds this extension today) it silently runs
+// serially. Then plain threads are used instead (their start, some tens of microseconds, is
+// small next to any call that has more than one task).
+template <typename Body>
+void run_workers(int64_t workers, const Body& body) {
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
+  for (int64_t w = 1; w < workers; ++w)
+    threads.emplace_back([&body, &errors, w] {
+      try {
+        body(w);
+      } catch (...) {
+        errors[w] = std::current_exception();
+      }
+    });
+  try {
+    body(0);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (auto& t : threads) t.join();
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+#else
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) body(w);
+  });
+#endif
+}
+
+// The number of threads to use: torch's intra-op setting, one inside another op's parallel region.
+int64_t num_workers(int64_t tasks) {
+  return at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+}
+
+// Runs fn(t, scratch) for t in [0, n) on up to at::get_num_threads() threads, handing tasks out
+// one at a time from a shared counter: on a shared (oversubscribed) machine a descheduled thread
+// then delays the call by at most one task, where a static split would leave the others waiting
+// for its half. scratch: scratch_floats floats per worker thread.
 template <typename Fn>
 void parallel_tasks(int64_t n, int64_t scratch_floats, const Fn& fn) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  run_workers(num_workers(n), [&](int64_t) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch.data());
   });
@@ -106,29 +146,29 @@ void run_packed(const GemmArgs& g, const KernelSet& ks) {
   const int64_t panels_a = cdiv(g.m, kMr), panels_b = cdiv(g.n, kNr);
   const int64_t lda = round_up(g.k, 8) + kSkew;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  // A: decoded rows (row-major; the micro-kernel broadcasts from them), zero rows up to a whole
-  // panel, and the scales of every panel and K block (B's too).
-  at::Tensor a32 = at::empty({panels_a * kMr * lda}, f32), asc = at::empty({panels_a * num_kb * kMr}, f32);
-  at::Tensor bsc = at::empty({panels_b * num_kb * kNr}, f32);
-  float *pa = floats(a32), *pas = floats(asc), *pbs = floats(bsc);
-  at::parallel_for(0, panels_a, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t i = p * kMr; i < (p + 1) * kMr; ++i)
-        if (i < g.m)
-          ks.convert(g.a + i * g.lda, g.k, pa + i * lda);
-        else
-          std::fill(pa + i * lda, pa + i * lda + g.k, 0.0f);
-      pack_scales(p, g.m, num_kb, kMr, pas, [&](int64_t i, int64_t kb) { return g.sa[i * g.ldsa + kb]; });
-    }
-  });
+  // The scales of every A and B panel and K block.
+  at::Tensor asc = at::empty({panels_a * num_kb * kMr}, f32), bsc = at::empty({panels_b * num_kb * kNr}, f32);
+  float *pas = floats(asc), *pbs = floats(bsc);
+  for (int64_t p = 0; p < panels_a; ++p)
+    pack_scales(p, g.m, num_kb, kMr, pas, [&](int64_t i, int64_t kb) { return g.sa[i * g.ldsa + kb]; });
   for (int64_t p = 0; p < panels_b; ++p)
     pack_scales(p, g.n, num_kb, kNr, pbs, [&](int64_t j, int64_t kb) { return g.sb_row(j)[kb] * kDecodeScale; });
 
-  // B, one slab of kSlabN columns at a time (bounded memory, reused): decoded into K-interleaved
-  // kNr-column panels, then every output tile of the slab.
+  // Tasks: an A row tile (kTileM rows) against `group` column tiles of the current B slab.
+  // Each worker decodes the A rows of its tile from FP8 into its own scratch (kept while it
+  // stays on that tile, across slabs): no M x K fp32 copy of A, and every thread decodes in
+  // parallel. Groups are as wide as the task count allows (>= 4 tasks per worker per slab).
+  const int64_t tiles_m = cdiv(g.m, kTileM), slab_tiles = cdiv(std::min(kSlabN, g.n), kTileN);
+  const int64_t workers = num_workers(tiles_m * slab_tiles);
+  const int64_t group = std::max<int64_t>(1, std::min(slab_tiles, tiles_m * slab_tiles / (4 * workers)));
+  const int64_t per_worker = kTileM * lda + kTileM * kTileLd;
+  at::Tensor scratch = at::empty({workers * per_worker}, f32);
+  std::vector<int64_t> decoded(static_cast<size_t>(workers), -1);  // the A tile in each worker's scratch
+
+  // B, one slab of kSlabN columns at a time (L3-sized, reused): decoded into K-interleaved
+  // kNr-column panels, then every task of the slab.
   at::Tensor slab = at::empty({std::min(panels_b, kSlabN / kNr) * g.k * kNr}, f32);
   float* pb = floats(slab);
-  const int64_t tiles_m = cdiv(g.m, kTileM);
   for (int64_t s0 = 0; s0 < g.n; s0 += kSlabN) {
     const int64_t sn = std::min(kSlabN, g.n - s0), sp = cdiv(sn, kNr), tiles_n = cdiv(sn, kTileN);
     parallel_tasks(sp, 0, [&](int64_t p, float*) {
@@ -137,44 +177,59 @@ void run_packed(const GemmArgs& g, const KernelSet& ks) {
       for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK)
         ks.pack_b(g.b + j0 * g.ldb, g.ldb, rows, c0, std::min(kChunkK, g.k - c0), pb + (p * g.k + c0) * kNr);
     });
-    parallel_tasks(tiles_m * tiles_n, kTileM * kTileLd, [&](int64_t t, float* tile) {
-      const int64_t m0 = (t / tiles_n) * kTileM, n0 = (t % tiles_n) * kTileN;  // n0 within the slab
-      const int64_t mb = std::min(kTileM, g.m - m0), nb = std::min(kTileN, sn - n0);
-      const int64_t mp = cdiv(mb, kMr), np = cdiv(nb, kNr);
-      std::fill(tile, tile + mp * kMr * kTileLd, 0.0f);
-      for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK) {
-        const int64_t c1 = std::min(g.k, c0 + kChunkK);
-        for (int64_t jr = 0; jr < np; ++jr) {
-          const int64_t sp_j = n0 / kNr + jr;  // panel within the slab
-          const float* bpanel = pb + (sp_j * g.k + c0) * kNr;
-          const float* bscale = pbs + ((s0 / kNr) + sp_j) * num_kb * kNr;
-          for (int64_t ir = 0; ir < mp; ++ir)
-            ks.micro(pa + (m0 + ir * kMr) * lda + c0, lda, bpanel, c0, c1, pas + (m0 / kMr + ir) * num_kb * kMr,
-                     bscale, tile + ir * kMr * kTileLd + jr * kNr, kTileLd);
+    const int64_t groups_n = cdiv(tiles_n, group), tasks = tiles_m * groups_n;
+    std::atomic<int64_t> next{0};
+    run_workers(std::min(workers, tasks), [&](int64_t w) {
+      float* a_rows = floats(scratch) + w * per_worker;  // decoded A rows of the tile, row r at r * lda
+      float* tile = a_rows + kTileM * lda;
+      for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+        const int64_t tm = t / groups_n, m0 = tm * kTileM, mb = std::min(kTileM, g.m - m0), mp = cdiv(mb, kMr);
+        if (decoded[w] != tm) {
+          for (int64_t r = 0; r < mp * kMr; ++r)
+            if (r < mb)
+              ks.convert(g.a + (m0 + r) * g.lda, g.k, a_rows + r * lda);
+            else
+              std::fill(a_rows + r * lda, a_rows + r * lda + g.k, 0.0f);
+          decoded[w] = tm;
+        }
+        const int64_t tn0 = (t % groups_n) * group;
+        for (int64_t tn = tn0; tn < std::min(tiles_n, tn0 + group); ++tn) {
+          const int64_t n0 = tn * kTileN, nb = std::min(kTileN, sn - n0), np = cdiv(nb, kNr);  // n0 within the slab
+          std::fill(tile, tile + mp * kMr * kTileLd, 0.0f);
+          for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK) {
+            const int64_t c1 = std::min(g.k, c0 + kChunkK);
+            for (int64_t jr = 0; jr < np; ++jr) {
+              const int64_t sp_j = n0 / kNr + jr;  // panel within the slab
+              const float* bpanel = pb + (sp_j * g.k + c0) * kNr;
+              const float* bscale = pbs + ((s0 / kNr) + sp_j) * num_kb * kNr;
+              for (int64_t ir = 0; ir < mp; ++ir)
+                ks.micro(a_rows + ir * kMr * lda + c0, lda, bpanel, c0, c1, pas + (m0 / kMr + ir) * num_kb * kMr,
+                         bscale, tile + ir * kMr * kTileLd + jr * kNr, kTileLd);
+            }
+          }
+          for (int64_t i = 0; i < mb; ++i)
+            for (int64_t j = 0; j < nb; ++j) store(g, m0 + i, s0 + n0 + j, tile[i * kTileLd + j]);
         }
       }
-      for (int64_t i = 0; i < mb; ++i)
-        for (int64_t j = 0; j < nb; ++j) store(g, m0 + i, s0 + n0 + j, tile[i * kTileLd + j]);
     });
   }
 }
 
 void run_gemv(const GemmArgs& g, const KernelSet& ks) {
-  // 1. A -> fp32 / 256, rows zero padded to a multiple of kGemvAlign.
+  // 1. A, packed once in the kernel set's GEMV layout (rows zero padded to kGemvAlign).
   const int64_t lda = round_up(g.k, kGemvAlign) + kSkew;
-  std::vector<float> a32(static_cast<size_t>(g.m * lda), 0.0f);
-  for (int64_t i = 0; i < g.m; ++i) ks.convert(g.a + i * g.lda, g.k, a32.data() + i * lda);
+  std::vector<float> a32(static_cast<size_t>(g.m * lda));
+  for (int64_t i = 0; i < g.m; ++i) ks.gemv_pack_a(g.a + i * g.lda, g.k, a32.data() + i * lda);
 
-  // 2. Groups of `rows` B rows (4 while every A chunk has <= 3 rows, else 3: <= 12 accumulators).
-  const int rows = g.m >= kGemvMr ? 3 : 4;
-  const int64_t groups = cdiv(g.n, rows);
-  const int64_t per_task = std::max<int64_t>(1, 65536 / (rows * g.k));  // groups per task: >= 64 KiB of B
+  // 2. Groups of kGemvRows B rows, each decoded once per kGemvMr rows of A.
+  const int64_t groups = cdiv(g.n, kGemvRows);
+  const int64_t per_task = std::max<int64_t>(1, 65536 / (kGemvRows * g.k));  // groups per task: >= 64 KiB of B
   parallel_tasks(cdiv(groups, per_task), 0, [&](int64_t task, float*) {
     float out[kGemvMr * kGemvRows];
     const uint8_t* brow[kGemvRows];
     const float* srow[kGemvRows];
     for (int64_t q = task * per_task; q < std::min(groups, (task + 1) * per_task); ++q) {
-      const int64_t n0 = q * rows;
+      const int64_t n0 = q * kGemvRows;
       for (int r = 0; r < kGemvRows; ++r) {  // rows past N repeat the last one (results dropped)
         const int64_t j = std::min(n0 + r, g.n - 1);
         brow[r] = g.b + j * g.ldb;
@@ -182,9 +237,9 @@ void run_gemv(const GemmArgs& g, const KernelSet& ks) {
       }
       for (int64_t i0 = 0; i0 < g.m; i0 += kGemvMr) {
         const int mr = static_cast<int>(std::min<int64_t>(kGemvMr, g.m - i0));
-        ks.gemv(a32.data() + i0 * lda, lda, g.sa + i0 * g.ldsa, g.ldsa, mr, brow, srow, rows, g.k, out);
+        ks.gemv(a32.data() + i0 * lda, lda, g.sa + i0 * g.ldsa, g.ldsa, mr, brow, srow, g.k, out, kGemvRows);
         for (int i = 0; i < mr; ++i)
-          for (int r = 0; r < rows && n0 + r < g.n; ++r) store(g, i0 + i, n0 + r, out[i * kGemvRows + r]);
+          for (int r = 0; r < kGemvRows && n0 + r < g.n; ++r) store(g, i0 + i, n0 + r, out[i * kGemvRows + r]);
       }
     }
   });

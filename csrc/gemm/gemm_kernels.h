@@ -6,13 +6,15 @@
 //              128-K block of its K range itself and promotes each block's FP32 partial into an
 //              FP32 C tile with sa[m, kb] * sb[n, kb] (DeepSeek-V3's promotion; scales are never
 //              folded into the operands);
-//   * gemv:    the memory-bound path (few rows of A): streams FP8 rows of B, decodes each 16-byte
-//              vector once in registers and FMAs it into up to kGemvMr rows of A.
+//   * gemv_pack_a + gemv: the memory-bound path (few rows of A): A is packed once per call in
+//              the kernel set's own layout; gemv streams FP8 rows of B, decodes each vector
+//              once in registers and FMAs it into up to kGemvMr rows of A.
 //
-// Number format inside the kernels: payload bytes are decoded to fp32 value / 256 (exact: a
-// power-of-two shift of an e4m3 value, never subnormal in fp32), because the fast decoder moves
-// the e4m3 bits into fp16 bits and converts with vcvtph2ps, which divides by 2^8 for free. The
-// promotion scales carry the two factors of 256 back (kDecodeScale), so nothing is lost.
+// Number format inside convert / pack_b / micro: payload bytes are decoded to fp32 value / 256
+// (exact: a power-of-two shift of an e4m3 value, never subnormal in fp32), because the decoder
+// moves the e4m3 bits into fp16 bits and converts with vcvtph2ps, which divides by 2^8 for free.
+// The promotion scales carry the two factors of 256 back (kDecodeScale), so nothing is lost.
+// gemv has its own exact power-of-two factors (see gemv_pack_a in each implementation).
 #pragma once
 
 #include <cmath>
@@ -31,10 +33,10 @@ constexpr float kDecodeScale = kDecodeFactor * kDecodeFactor;  // multiplies eve
 constexpr int kMr = 6;
 constexpr int kNr = 16;
 
-// GEMV tile: up to kGemvMr rows of A against up to kGemvRows rows of B at a time.
+// GEMV tile: up to kGemvMr rows of A against kGemvRows rows of B at a time.
 constexpr int kGemvMr = 4;
-constexpr int kGemvRows = 4;
-constexpr int64_t kGemvAlign = 16;  // the GEMV reads A rows in steps of 16 (zero padded)
+constexpr int kGemvRows = 3;
+constexpr int64_t kGemvAlign = 32;  // gemv_pack_a writes A rows zero padded to a multiple of this
 
 // The exact value of an e4m3fn byte divided by 256 (NaN for 0x7F and 0xFF).
 inline float e4m3_to_float_div256(uint8_t v) {
@@ -64,19 +66,24 @@ using PackFn = void (*)(const uint8_t* src, int64_t ld, int rows, int64_t k0, in
 using MicroFn = void (*)(const float* ap, int64_t lda, const float* bp, int64_t k0, int64_t k1, const float* asc,
                          const float* bsc, float* c, int64_t ldc);
 
-// GEMV tile: out[i * kGemvRows + r] = sum_kb promote(A row i . B row r) for i < mr <= kGemvMr,
-// r < rows <= kGemvRows, over K columns:
-//   a: decoded A (value / 256), row i at a + i * lda, zero padded to a multiple of kGemvAlign;
-//   sa[i * ldsa + kb]: A scales; b[r]: FP8 row r of B (K bytes); sb[r][kb]: its scales;
-//   the promotion multiplies by sa * (sb * kDecodeScale). A NaN byte in B row r makes column r
-//   NaN (as IEEE arithmetic would).
+// Packs one FP8 row of A (k bytes) for gemv: writes round_up(k, kGemvAlign) floats (zeros past
+// k) in the layout and number format that this kernel set's gemv reads.
+using GemvPackAFn = void (*)(const uint8_t* src, int64_t k, float* dst);
+
+// GEMV tile: out[i * ldo + r] = sum_kb promote(A row i . B row r) for i < mr <= kGemvMr and
+// r < kGemvRows, over K columns:
+//   a: A rows packed by gemv_pack_a, row i at a + i * lda; sa[i * ldsa + kb]: A scales;
+//   b[r]: FP8 row r of B (K bytes); sb[r][kb]: its scales;
+//   the promotion multiplies each block's FP32 partial by sa * sb. A NaN byte in B row r makes
+//   column r NaN (as IEEE arithmetic would).
 using GemvFn = void (*)(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
-                        const float* const* sb, int rows, int64_t k, float* out);
+                        const float* const* sb, int64_t k, float* out, int64_t ldo);
 
 struct KernelSet {
   ConvertFn convert;
   PackFn pack_b;
   MicroFn micro;
+  GemvPackAFn gemv_pack_a;
   GemvFn gemv;
 };
 

@@ -43,24 +43,31 @@ void micro_portable(const float* ap, int64_t lda, const float* bp, int64_t k0, i
   }
 }
 
+// A for the portable GEMV: value / 256, row-major, zero padded.
+void gemv_pack_a_portable(const uint8_t* src, int64_t k, float* dst) {
+  convert_portable(src, k, dst);
+  const int64_t padded = (k + kGemvAlign - 1) / kGemvAlign * kGemvAlign;
+  std::fill(dst + k, dst + padded, 0.0f);
+}
+
 void gemv_portable(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
-                   const float* const* sb, int rows, int64_t k, float* out) {
+                   const float* const* sb, int64_t k, float* out, int64_t ldo) {
   const float* lut = decode_table();
   for (int i = 0; i < mr; ++i)
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < kGemvRows; ++r) {
       float tot = 0.0f;
       for (int64_t b0 = 0, kb = 0; b0 < k; b0 += kBlockK, ++kb) {
         float part = 0.0f;
         for (int64_t kk = b0; kk < std::min(k, b0 + kBlockK); ++kk) part += a[i * lda + kk] * lut[b[r][kk]];
         tot += part * (sa[i * ldsa + kb] * (sb[r][kb] * kDecodeScale));
       }
-      out[i * kGemvRows + r] = tot;
+      out[i * ldo + r] = tot;
     }
 }
 
 }  // namespace
 
-KernelSet portable_kernels() { return {&convert_portable, &pack_b_portable, &micro_portable, &gemv_portable}; }
+KernelSet portable_kernels() { return {&convert_portable, &pack_b_portable, &micro_portable, &gemv_pack_a_portable, &gemv_portable}; }
 
 }  // namespace gemm
 }  // namespace dsv3

@@ -79,9 +79,10 @@ def test_fp8_gemm_nt_matches_float64_reference(m: int, n: int, k: int, out_dtype
 
 
 # The CPU kernel has two paths: GEMV for M <= 16 (rows of A in chunks of up to 4, rows of B in
-# groups of 4 or 3, K in steps of 16) and packed tiles above (6 x 16 micro-tiles, 96 x 128 task
-# tiles, K chunks of 256). The shapes hit every remainder of those; the 2048-column B slab
-# boundary is crossed by SHAPES above (N = 2112, 7168).
+# groups of 3, K in steps of 32 inside 128-wide blocks) and packed tiles above (6 x 16 micro-tiles,
+# 96 x 128 output tiles, K chunks of 256, 512-column B slabs, tasks of one 96-row A tile against
+# 1 to 4 column tiles of a slab). The shapes hit every remainder of those: e.g. 101 x 530 crosses
+# a slab, 420 x 1408 gives tasks of 2 column tiles (with 2 threads) and a 3-tile last slab.
 ISA_SHAPES = [
     (7, 112, 100),
     (130, 300, 700),
@@ -93,6 +94,10 @@ ISA_SHAPES = [
     (17, 40, 129),
     (101, 530, 385),
     (23, 17, 1),
+    (5, 4, 161),
+    (6, 3, 32),
+    (11, 8, 391),
+    (420, 1408, 300),
 ]
 
 
@@ -202,6 +207,30 @@ def test_every_e4m3_value_is_decoded_exactly(cpu_isas: list[str]) -> None:
                 assert torch.equal(d.double(), values.expand(m, -1)), isa
         finally:
             ops.set_cpu_isa("auto")
+
+
+def test_e4m3_subnormals_survive_flush_denormal(cpu_isas: list[str]) -> None:
+    # The AVX2 GEMV decodes e4m3 subnormals into fp32 subnormals: with torch.set_flush_denormal
+    # (MXCSR DAZ/FTZ) on, the kernel must still read them exactly (it clears DAZ while it runs).
+    codes = torch.tensor([c for c in range(1, 8)] + [0x80 | c for c in range(1, 8)], dtype=torch.uint8)
+    values = codes.view(torch.float8_e4m3fn).double()  # +-2^-9 .. +-7 * 2^-9
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for m in (3, 40):  # GEMV and packed paths
+            a = torch.zeros(m, 128, dtype=torch.uint8)
+            a[:, 7] = 0x38  # 1.0
+            b = torch.zeros(len(codes), 128, dtype=torch.uint8)
+            b[:, 7] = codes
+            sa, sb = torch.ones(m, 1), torch.ones(1, 1)
+            for isa in cpu_isas:
+                ops.set_cpu_isa(isa)
+                d = poisoned(m, len(codes))
+                ops.fp8_gemm_nt((a.view(torch.float8_e4m3fn), sa), (b.view(torch.float8_e4m3fn), sb), d)
+                assert torch.equal(d.double(), values.expand(m, -1)), (isa, m)
+    finally:
+        torch.set_flush_denormal(False)
+        ops.set_cpu_isa("auto")
 
 
 def test_nn_tn_tt_variants_match_nt() -> None:
