@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -64,19 +65,31 @@ def cuda_include_dirs() -> list[str]:
     return [str(p) for p in sorted(site.glob("nvidia/cu*/include")) if p.is_dir()]
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch's ATen uses OpenMP (Linux wheels): at::parallel_for is header code, so an
+    extension compiled without it runs every parallel_for on ONE thread. The extension then needs
+    libgomp.so.1, which resolves to the copy torch has already loaded (one OpenMP runtime)."""
+    uses_openmp = "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux")
+    return ["-fopenmp"] if uses_openmp else []
+
+
 def extension():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cxx = ["-O3", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    omp = openmp_flags()
+    cxx = ["-O3", "-fno-fast-math", "-Wall", "-Wno-unused-function", *omp]
     if not want_cuda():
-        return CppExtension("ops._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *CUDA_ARCH_FLAGS]
+    # the host side of .cu files gets OpenMP too: ATen's inline parallel helpers must be compiled
+    # the same way in every translation unit (the linker keeps one copy)
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *CUDA_ARCH_FLAGS, *(f"-Xcompiler={f}" for f in omp)]
     return CUDAExtension(
         "ops._C",
         sources,
         include_dirs=cuda_include_dirs(),
         define_macros=[("DSV3_WITH_CUDA", "1")],
         extra_compile_args={"cxx": [*cxx, "-DDSV3_WITH_CUDA"], "nvcc": [*nvcc, "-DDSV3_WITH_CUDA"]},
+        extra_link_args=omp,
     )
 
 
