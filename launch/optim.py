@@ -44,6 +44,22 @@ class AdamWHyper:
     weight_decay: float = 0.1
 
 
+def _decay_runs(params: list[torch.nn.Parameter], lo: int, hi: int) -> list[tuple[int, int]]:
+    """[start, end) ranges, relative to the shard [lo, hi) of the flat buffer, that hold matrices
+    (ndim >= 2: weight decay applies); adjacent ranges merged."""
+    runs: list[tuple[int, int]] = []
+    offset = 0
+    for p in params:
+        a, b = max(offset, lo), min(offset + p.numel(), hi)
+        if p.ndim >= 2 and a < b:
+            if runs and runs[-1][1] == a - lo:
+                runs[-1] = (runs[-1][0], b - lo)
+            else:
+                runs.append((a - lo, b - lo))
+        offset += p.numel()
+    return runs
+
+
 class FlatShard:
     """One group of replicated parameters, flattened and sharded over ``group``."""
 
@@ -62,56 +78,78 @@ class FlatShard:
         self.master_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         device = params[0].device if params else torch.device("cpu")
         lo, hi = self.rank * self.shard_len, (self.rank + 1) * self.shard_len
-        flat = self._flatten([p.detach() for p in params], device)
-        self.master = flat[lo:hi].clone()  # FP32 (FP64 in exactness runs) master weights of the shard
+        # The full flat buffer lives for the whole run: gradients are flattened into it, reduced in
+        # it, and (size > 1) the updated shards are gathered into it. Per-step temporaries of this
+        # size cost more than the arithmetic on a CPU, where glibc hands blocks this big back to
+        # the OS on free and every step page-faults them in again.
+        self.flat = torch.zeros(self.shard_len * self.size, dtype=self.master_dtype, device=device)
+        self._copy_into_flat([p.detach() for p in params])
+        self.master = self.flat[lo:hi].clone()  # FP32 (FP64 in exactness runs) master weights of the shard
         self.exp_avg = torch.zeros_like(self.master, dtype=moments_dtype if self.master_dtype != torch.float64 else torch.float64)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
-        decay = torch.cat([torch.full((p.numel(),), 1.0 if p.ndim >= 2 else 0.0, dtype=self.master_dtype, device=device) for p in params]) \
-            if params else torch.zeros(0, dtype=self.master_dtype, device=device)
-        self.decay_mask = torch.nn.functional.pad(decay, (0, self.shard_len * self.size - self.numel))[lo:hi]
-        self.grad_shard = torch.zeros_like(self.master)
+        self.decay_runs = _decay_runs(params, lo, hi)
+        # reduce-scatter needs its own output; otherwise the own shard is read in place
+        self.grad_shard = torch.zeros_like(self.master) if self.size > 1 and reduce_scatter else self.flat[lo:hi]
+        # float64 copy of the gradient shard for the norm; kept on the CPU for the reason above
+        # (CUDA's caching allocator makes the temporary cheap, and memory is dearer there)
+        self._sq_scratch = torch.empty(self.shard_len, dtype=torch.float64, device=device) \
+            if device.type == "cpu" and self.master_dtype != torch.float64 else None
 
-    def _flatten(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        flat = torch.zeros(self.shard_len * self.size, dtype=self.master_dtype, device=device)
+    def _copy_into_flat(self, tensors: list[torch.Tensor | None]) -> None:
+        """Writes the tensors one after the other into self.flat (None: zeros); the padding tail
+        is zeroed so that it never adds to a sum or a norm."""
         offset = 0
-        for t in tensors:
-            flat[offset:offset + t.numel()].copy_(t.reshape(-1))
-            offset += t.numel()
-        return flat
+        for p, t in zip(self.params, tensors, strict=True):
+            dst = self.flat[offset:offset + p.numel()]
+            if t is None:
+                dst.zero_()
+            else:
+                dst.copy_(t.reshape(-1))
+            offset += p.numel()
+        self.flat[offset:].zero_()
 
     def reduce_grads(self) -> None:
         """Sums gradients over the group and keeps the own shard, divided by the DP size."""
         if not self.numel:
             return
-        device = self.master.device
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = self._flatten(grads, device)
-        lo, hi = self.rank * self.shard_len, (self.rank + 1) * self.shard_len
+        self._copy_into_flat([p.grad for p in self.params])
         if self.size > 1 and self.reduce_scatter:
-            dist.reduce_scatter_tensor(self.grad_shard, flat, group=self.group)
-        else:
-            if self.size > 1:
-                dist.all_reduce(flat, group=self.group)
-            self.grad_shard.copy_(flat[lo:hi])
+            dist.reduce_scatter_tensor(self.grad_shard, self.flat, group=self.group)
+        elif self.size > 1:
+            dist.all_reduce(self.flat, group=self.group)  # grad_shard is a view of the own part
         if self.grad_divisor != 1:
             self.grad_shard.div_(self.grad_divisor)
 
     def sq_norm(self) -> torch.Tensor:
-        return self.grad_shard.double().square().sum()
+        """Squared L2 norm of the own gradient shard, summed in float64."""
+        if self._sq_scratch is None:
+            g = self.grad_shard.to(torch.float64, copy=True)
+        else:
+            g = self._sq_scratch.copy_(self.grad_shard)
+        return g.mul_(g).sum()
 
     @torch.no_grad()
     def step(self, hp: AdamWHyper, step: int, clip_coef: float) -> None:
+        """One AdamW update of the shard (torch.optim.AdamW's arithmetic), in place: the gradient
+        shard is scaled by clip_coef, and no temporary beyond the denominator is made."""
         if not self.numel:
             return
-        g = self.grad_shard if clip_coef == 1.0 else self.grad_shard * clip_coef
+        g = self.grad_shard
+        if clip_coef != 1.0:
+            g.mul_(clip_coef)
         m32 = self.exp_avg.to(self.master_dtype).mul_(hp.beta1).add_(g, alpha=1 - hp.beta1)
         v32 = self.exp_avg_sq.to(self.master_dtype).mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
-        self.exp_avg.copy_(m32)
-        self.exp_avg_sq.copy_(v32)
-        self.master.mul_(1 - hp.lr * hp.weight_decay * self.decay_mask)
+        if self.exp_avg.dtype != self.master_dtype:  # BF16 moments: the FP32 working copies are rounded back
+            self.exp_avg.copy_(m32)
+            self.exp_avg_sq.copy_(v32)
+        # decoupled weight decay on matrices only: master *= 1 - lr * wd, the factor rounded to the
+        # master dtype exactly as the elementwise form (1 - lr * wd * mask) computes it
+        factor = (1 - torch.tensor(hp.lr * hp.weight_decay, dtype=self.master_dtype)).item()
+        for a, b in self.decay_runs:
+            self.master[a:b].mul_(factor)
         bc1 = 1 - hp.beta1 ** step
         bc2 = 1 - hp.beta2 ** step
-        denom = (v32.sqrt() / math.sqrt(bc2)).add_(hp.eps)
+        denom = v32.sqrt().div_(math.sqrt(bc2)).add_(hp.eps)
         self.master.addcdiv_(m32, denom, value=-hp.lr / bc1)
 
     @torch.no_grad()
@@ -120,7 +158,7 @@ class FlatShard:
         if not self.numel:
             return
         if self.size > 1:
-            full = torch.empty(self.shard_len * self.size, dtype=self.master_dtype, device=self.master.device)
+            full = self.flat  # the gradients in it are spent by now
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             gather(full, self.master, group=self.group)
         else:

@@ -1,5 +1,5 @@
 """Small building blocks shared by attention, MoE and MTP: RMSNorm, the linear-layer factory
-(BF16/FP32 `nn.Linear` or the FP8 linear of the DeepSeek-V3 recipe) and the SwiGLU MLP."""
+(BF16/FP32 `model.precision.Linear` or the FP8 linear of the DeepSeek-V3 recipe) and the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.precision import Linear
 
 
 class RMSNorm(nn.Module):
@@ -40,7 +41,7 @@ def make_linear(in_features: int, out_features: int, args: ModelArgs, *, fp8_all
     """The one switch between precisions: every linear of MLA, MoE and dense FFN is built here.
     `fp8_allowed=False` keeps a layer out of FP8 (the recipe keeps embedding, head and router high
     precision; those are not built through this factory at all)."""
-    cls = FP8Linear if (args.fp8 and fp8_allowed) else nn.Linear
+    cls = FP8Linear if (args.fp8 and fp8_allowed) else Linear
     return cls(in_features, out_features, bias=False, dtype=args.torch_dtype)
 
 

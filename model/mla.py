@@ -11,14 +11,16 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.layers import RMSNorm, make_linear
+from model.precision import bf16_matmul_upcast, sdpa
 from model.rope import apply_rotary_emb
 
 
 def _pad_v(x: torch.Tensor) -> bool:
     """Whether to pad v to the qk head dim so SDPA takes its flash kernel (which needs equal head
     dims) rather than the math path that materialises [S, S] scores. Measured on the CPU here:
-    1.6x faster in float32, but 3.5x slower in bfloat16 (no AVX-512-BF16/AMX), so not then."""
-    return x.is_cuda or x.dtype != torch.bfloat16
+    1.6x faster in float32, but 3.5x slower in native bfloat16 (no AVX-512-BF16/AMX); bfloat16
+    that attends in FP32 (model.precision) pads like float32."""
+    return x.is_cuda or x.dtype != torch.bfloat16 or bf16_matmul_upcast(x.device)
 
 
 @dataclass
@@ -94,7 +96,7 @@ class MLA(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim if _pad_v(x) else 0
         if pad > 0:  # zero columns: the result is unchanged, and the flash kernel accepts equal dims
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(
+        out = sdpa(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )  # [B, H, S, Dqk or Dv]
         if pad > 0:

@@ -13,6 +13,7 @@ from torch import nn
 from model import router
 from model.args import ModelArgs
 from model.layers import MLP
+from model.precision import linear
 
 
 class Gate(nn.Module):
@@ -62,7 +63,7 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         for e, xe in enumerate(torch.split(x, counts)):
             if counts[e]:
-                outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))
+                outs.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))
         return torch.cat(outs) if outs else x[:0]  # no local token: an empty [0, dim]
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.block import Block
 from model.layers import RMSNorm
+from model.precision import Linear
 
 
 class MTPModule(nn.Module):
@@ -23,7 +24,7 @@ class MTPModule(nn.Module):
         dt = args.torch_dtype
         self.enorm = RMSNorm(args.dim, args.norm_eps, dt)
         self.hnorm = RMSNorm(args.dim, args.norm_eps, dt)
-        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False, dtype=dt)
+        self.eh_proj = Linear(2 * args.dim, args.dim, bias=False, dtype=dt)
         # MTP's block sits at layer index n_layers: a MoE layer whenever the model has any.
         self.block = Block(args.n_layers, args, ep_group)
         self.norm = RMSNorm(args.dim, args.norm_eps, dt)

@@ -23,6 +23,7 @@ from model.block import Block
 from model.layers import RMSNorm
 from model.moe import MoE
 from model.mtp import MTPModule
+from model.precision import Linear
 from model.rope import precompute_freqs_cis
 from model.transformer import cross_entropy, init_weights, update_expert_bias
 
@@ -91,7 +92,7 @@ class PipelineStage(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dt) if self.is_first else None
         self.layers = nn.ModuleDict({str(i): Block(i, args, ep_group) for i in self.layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps, dt) if self.is_last else None
-        self.head = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dt) if self.is_last else None
+        self.head = Linear(args.dim, args.vocab_size, bias=False, dtype=dt) if self.is_last else None
         use_mtp = self.is_last and args.n_mtp_layers > 0
         self.mtp = nn.ModuleList([MTPModule(args, ep_group)]) if use_mtp else None
         init_weights(self)

@@ -15,6 +15,7 @@ from model.layers import RMSNorm
 from model.mla import MLACache
 from model.moe import MoE
 from model.mtp import MTPModule
+from model.precision import Linear
 from model.rope import precompute_freqs_cis
 
 IGNORE_INDEX = -100
@@ -65,7 +66,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(args.vocab_size, args.dim, dtype=dt)
         self.layers = nn.ModuleList(Block(i, args, ep_group) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, dt)
-        self.head = nn.Linear(args.dim, args.vocab_size, bias=False, dtype=dt)
+        self.head = Linear(args.dim, args.vocab_size, bias=False, dtype=dt)
         self.mtp = nn.ModuleList(MTPModule(args, ep_group) for _ in range(args.n_mtp_layers))
         self.register_buffer("freqs_cis", self._freqs(), persistent=False)
         init_weights(self)

@@ -101,3 +101,57 @@ def test_bf16_moments_stay_close_to_fp32() -> None:
     start = _params(seed)
     for x, y, p0 in zip(a, b, start, strict=True):
         assert calc_diff(x - p0.detach(), y - p0.detach()) < 1e-3  # the updates agree to bf16 accuracy
+
+
+def _plain_adamw_fp32(params: list[torch.Tensor], grads_per_step: list[list[torch.Tensor]], hp: AdamWHyper, clip: float,
+                      moments: torch.dtype) -> tuple[list[torch.Tensor], list[float]]:
+    """The ZeRO-1 arithmetic written plainly on one flat FP32 vector with fresh temporaries (the
+    form FlatShard had before it kept its buffers): FlatShard must reproduce it bit for bit."""
+    master = torch.cat([p.detach().reshape(-1) for p in params]).float()
+    mask = torch.cat([torch.full((p.numel(),), 1.0 if p.ndim >= 2 else 0.0) for p in params])
+    m = torch.zeros_like(master, dtype=moments)
+    v = torch.zeros_like(m)
+    norms = []
+    for step, grads in enumerate(grads_per_step, start=1):
+        g = torch.cat([x.reshape(-1) for x in grads]).float()
+        norm = math.sqrt(g.double().square().sum().item())
+        norms.append(norm)
+        coef = clip_coefficient(norm, clip)
+        g = g if coef == 1.0 else g * coef
+        m32 = m.float().mul_(hp.beta1).add_(g, alpha=1 - hp.beta1)
+        v32 = v.float().mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
+        m, v = m32.to(moments), v32.to(moments)
+        master = master * (1 - hp.lr * hp.weight_decay * mask)
+        denom = (v32.sqrt() / math.sqrt(1 - hp.beta2 ** step)).add_(hp.eps)
+        master = master.addcdiv(m32, denom, value=-hp.lr / (1 - hp.beta1 ** step))
+    out, offset = [], 0
+    for p in params:
+        out.append(master[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out, norms
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_flat_shard_is_bit_exact_with_the_plain_arithmetic(moments: torch.dtype, clip: float) -> None:
+    """Persistent buffers, in-place clipping and range-wise weight decay change no bit (FP32,
+    where any reordering or extra rounding would show)."""
+    seed = random.randint(0, 10**6)
+    params = _params(seed, torch.float32)
+    start = [p.detach().clone() for p in params]
+    grads_per_step = [_grads(seed, step, 0, params) for step in range(5)]
+    hp = AdamWHyper(lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    opt = ZeroAdamW([FlatShard("dense", params, None, 1, moments, reduce_scatter=False)], AdamWHyper(**vars(hp)),
+                    norm_group=None)
+    norms = []
+    for grads in grads_per_step:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.reduce_grads()
+        norms.append(opt.global_grad_norm())
+        opt.step(hp.lr, clip_coefficient(norms[-1], clip))
+    want, want_norms = _plain_adamw_fp32(start, grads_per_step, hp, clip, moments)
+    assert norms == want_norms
+    for p, w, p0 in zip(params, want, start, strict=True):
+        assert not torch.equal(p.detach(), p0)  # it moved
+        assert torch.equal(p.detach(), w)
