@@ -20,8 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <exception>
-#include <thread>
 #include <vector>
 
 #include "../common/cpu_features.h"
@@ -78,37 +76,13 @@ constexpr int64_t kSkew = 16;
 
 float* floats(at::Tensor& t) { return t.data_ptr<float>(); }
 
-// Runs body(w) for w in [0, workers) concurrently; the caller runs worker 0.
-// ATen's at::parallel_for is a header-only `#pragma omp parallel` in OpenMP builds of torch:
-// compiled without -fopenmp (as setup.py builds this extension today) it silently runs
-// serially. Then plain threads are used instead (their start, some tens of microseconds, is
-// small next to any call that has more than one task).
+// Runs body(w) for w in [0, workers) concurrently, one worker per thread (setup.py compiles with
+// -fopenmp where torch uses OpenMP: at::parallel_for is header code and would run serially without).
 template <typename Body>
 void run_workers(int64_t workers, const Body& body) {
-#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(workers));
-  for (int64_t w = 1; w < workers; ++w)
-    threads.emplace_back([&body, &errors, w] {
-      try {
-        body(w);
-      } catch (...) {
-        errors[w] = std::current_exception();
-      }
-    });
-  try {
-    body(0);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (auto& t : threads) t.join();
-  for (const auto& e : errors)
-    if (e) std::rethrow_exception(e);
-#else
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) body(w);
   });
-#endif
 }
 
 // The number of threads to use: torch's intra-op setting, one inside another op's parallel region.
