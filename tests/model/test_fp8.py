@@ -67,9 +67,10 @@ def _train(args: ModelArgs, steps: int, seed: int) -> float:
     Why this form: with a constant learning rate the last-steps training loss of this tiny model
     depends on its trajectory (two bf16 runs of one seed that differed only in thread count ended
     4% apart), which would drown the FP8 error the test looks for. Decaying the rate to zero
-    and evaluating on 64 held-out sequences measures where training converged instead. The
-    optimizer keeps FP32 master weights and copies them into the model's parameters after each
-    step, as launch/optim.py does for a bf16 model."""
+    and evaluating on 64 held-out sequences measures where training converged instead. Every
+    state has two distinct successors, so every seed's task has the same entropy floor (ln 2).
+    The optimizer keeps FP32 master weights and copies them into the model's parameters after
+    each step, as launch/optim.py does for a bf16 model."""
     torch.manual_seed(seed)
     model = Transformer(args)
     params = list(model.parameters())
@@ -78,7 +79,7 @@ def _train(args: ModelArgs, steps: int, seed: int) -> float:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     g = torch.Generator().manual_seed(seed)
     states = torch.randperm(256, generator=g)[:16]
-    succ = torch.randint(0, 16, (16, 2), generator=g)
+    succ = torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(16)])
     held_out = _markov_batch(states, succ, 64, torch.Generator().manual_seed(seed + 1))
     for _ in range(steps):
         batch = _markov_batch(states, succ, 8, g)
@@ -105,12 +106,14 @@ def test_fp8_training_tracks_bf16() -> None:
     # issue 6: the tiny preset trained 300 steps in FP8 reaches a loss within 1% of the BF16
     # run. Both runs as the trainer runs them: bf16 parameters, FP32 master weights; FP8 mode
     # adds the FP8 GEMMs (DeepSeek-V3 report 3.3 reports < 0.25% relative loss error).
-    # (An earlier note that a bf16 run "did not learn" compared bf16 on a harder task, 256
-    # states x 4 successors, with float32 on this one. Measured on either task, float32, bf16
-    # autocast and bf16 parameters reach the same 300-step loss within 0.2%.)
-    seed = torch.randint(0, 2**31, ()).item()
+    # One seed is not enough to resolve 1%: routing flips make each trajectory chaotic, and the
+    # same seed's bf16 run ended 0.704 on one machine and 0.713 on another (CI, whose FP8 run
+    # ended 0.702, 1.6% away). Most seeds agree within 0.1%, so the test compares the mean over
+    # three seeds, which a systematic FP8 error of 1% still fails.
+    seeds = torch.randint(0, 2**31, (3,)).tolist()
     args = ModelArgs.preset("tiny", dtype="bfloat16", n_mtp_layers=0)
-    bf16 = _train(args, 300, seed)
-    fp8 = _train(args.replace(fp8=True), 300, seed)
-    assert bf16 < 1.0  # it learned (ln 256 = 5.5 at the start, ln 2 = 0.69 bounds the floor)
-    assert abs(fp8 - bf16) / bf16 < 0.01, (fp8, bf16)
+    bf16 = [_train(args, 300, s) for s in seeds]
+    fp8 = [_train(args.replace(fp8=True), 300, s) for s in seeds]
+    assert max(bf16) < 1.0, bf16  # each learned (ln 256 = 5.5 at the start, ln 2 = 0.69 the floor)
+    mean_bf16, mean_fp8 = sum(bf16) / 3, sum(fp8) / 3
+    assert abs(mean_fp8 - mean_bf16) / mean_bf16 < 0.01, (seeds, fp8, bf16)
