@@ -15,11 +15,14 @@ are right. What used to dominate was first-touch page faults of freshly allocate
 buffers (several times the cost of the copy that fills them): send and reverse-receive buffers
 come from a reused pool, and recv_x / combined_x from cached memory that no tensor references
 any more (comm/memory.py: memory the caller still holds is never handed out again). Every small
-collective costs one round trip, so there are as few as the API allows.
+collective costs one round trip, so there are as few as the API allows: the error agreement
+that keeps a bad input on one rank from hanging the others rides on the count exchange
+(dispatch) or on a header launched with the payload (combine, dispatch with a handle).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +31,9 @@ import torch.distributed as dist
 
 from comm import kernels, memory
 from comm.events import EventOverlap, wait_previous
+from comm.guarded import Exchange, fail_guarded, launch_guarded
 from comm.layout import DispatchHandle, check_topk, new_owner_id
-from comm.primitives import agree_no_error, exchange_counts, launch_all_to_all
+from comm.primitives import agree_no_error, exchange_counts
 from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
 
 __all__ = ["Buffer"]
@@ -84,10 +88,12 @@ class Buffer:
         ranks_per_node: enables the node-limited (hierarchical) mode: ranks r // ranks_per_node
             form a node; a token crosses to each destination node once and is forwarded inside
             it. None (default) is the flat mode.
-        agree_on_errors: before a synchronous dispatch with a handle and before a synchronous
-            combine, exchange one error flag so that bad input on one rank raises on every rank
-            (instead of leaving the others blocked in the collective). A dispatch without a
-            handle carries the flag in its count exchange for free; async calls skip it.
+        agree_on_errors: make bad input on one rank raise on every rank (instead of leaving the
+            others blocked in the collective). A dispatch without a handle carries the error
+            flags in its count exchange; a dispatch with a handle and a combine (flat mode, sync
+            or async) carry them in a tiny header all-to-all launched together with the payload
+            (comm/guarded.py: no extra round trip); the node-limited mode exchanges the flags
+            first in synchronous calls and skips them in async ones. False: no agreement.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
@@ -183,11 +189,12 @@ class Buffer:
         except _INPUT_ERRORS as err:
             error = err
         if handle is not None:
-            self._agree(error, "dispatch", async_finish)
-            if handle.node is not None:
+            if self._node is not None:
+                self._agree(error, "dispatch", async_finish)
                 return self._node.dispatch_with_handle(x, parts, handle, async_finish)
+            guarded = self._guard(error, "dispatch", 2)  # the side and main exchanges of _move
             recv_parts, event, _ = self._move(parts, handle.is_token_in_rank, handle.send_splits, handle.recv_splits,
-                                              None, None, 1, async_finish)
+                                              None, None, 1, async_finish, guarded=guarded)
             return self._form(x, recv_parts), None, None, None, None, event
 
         try:
@@ -278,7 +285,8 @@ class Buffer:
     def _move(self, parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
               recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
               experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None = None,
-              expert_base: int = 0, wait_side: bool = False, packed: _Packed | None = None):
+              expert_base: int = 0, wait_side: bool = False, packed: _Packed | None = None,
+              guarded: bool = False):
         """Sends row t of every part to each rank r with in_rank[t, r]; what arrives is ordered by
         source rank, then source row.
 
@@ -287,7 +295,9 @@ class Buffer:
         arrival), then parts[0], packed into a pooled send buffer and received straight into the
         tensor returned. With ``wait_side`` the side message has arrived when this returns (the
         caller needs the received top-k now); the main payload completes at the event. ``packed``:
-        the send side, already packed by ``_pack`` with the same arguments.
+        the send side, already packed by ``_pack`` with the same arguments. ``guarded``: the
+        exchanges carry the error agreement (comm/guarded.py); a peer's bad input raises at the
+        event (not with ``wait_side``).
 
         Returns (received parts [+ recv_topk_idx, recv_topk_weights], event, send_pos [T, R])."""
         group = self.group if group is None else group
@@ -295,35 +305,49 @@ class Buffer:
             packed = self._pack(parts, in_rank, send_splits, topk_idx, topk_weights, experts_per_rank, expert_base)
         device = parts[0].device
         n = sum(recv_splits)
-        works, finish = [], []
+        works: list = []
 
         side, k = parts[1:], packed.k
         side_outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in side]
         if k is not None:
             side_outs += [torch.empty((n, k), dtype=torch.int64, device=device),
                           torch.empty((n, k), dtype=torch.float32, device=device)]
-        side_work = None
+        side_ex = None
         if packed.send_side is not None:
             recv_side = torch.empty((n, packed.send_side.shape[1]), dtype=torch.uint8, device=device)
-            side_work = launch_all_to_all(recv_side, packed.send_side, recv_splits, send_splits, group, async_op=True)
-
+            side_ex = Exchange(recv_side, packed.send_side, recv_splits, send_splits)
         main = parts[0]
         recv_main = memory.output((n, main.shape[1]), main.dtype, device)
-        works.append(launch_all_to_all(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits, group,
-                                       async_op=True))
-        finish.append(packed.release)  # once the main exchange has finished reading the send buffer
+        main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits)
+        check = None
+        if guarded:
+            header_work, (side_work, main_work), check = launch_guarded([side_ex, main_ex], group, "dispatch",
+                                                                        self._count_device)
+            works.append(header_work)
+        else:
+            side_work = None if side_ex is None else side_ex.launch(group)
+            main_work = main_ex.launch(group)
+        works.append(main_work)
 
-        if side_work is not None:
-            def unpack_side() -> None:
-                kernels.unpack_into(recv_side, side_outs)
+        def unpack_side() -> None:
+            kernels.unpack_into(recv_side, side_outs)
 
-            if wait_side:
-                side_work.wait()
-                unpack_side()
-            else:
-                works.append(side_work)
-                finish.append(unpack_side)
-        event = EventOverlap(works, finish)
+        if side_work is not None and wait_side:
+            side_work.wait()
+            unpack_side()
+        elif side_work is not None:
+            works.append(side_work)
+
+        def finish() -> None:
+            try:
+                if check is not None:
+                    check()
+                if side_work is not None and not wait_side:
+                    unpack_side()
+            finally:
+                packed.release()  # the main exchange has finished reading the send buffer
+
+        event = EventOverlap(works, [finish])
         if not async_finish:
             event.current_stream_wait()
             event = EventOverlap()
@@ -346,9 +370,20 @@ class Buffer:
             raise ValueError(f"{what} has {rows} rows but the handle's layout {side} {expected} tokens on this rank "
                              "(a handle from another layout?)")
 
+    def _guard(self, error: BaseException | None, what: str, num_exchanges: int) -> bool:
+        """Flat mode: whether this call's exchanges carry the error agreement (comm/guarded.py;
+        no extra round trip). A rank with bad input takes part in its peers' exchanges, then
+        raises here."""
+        if error is None:
+            return self.agree_on_errors
+        if self.agree_on_errors:
+            fail_guarded(error, num_exchanges, self.group, what, self._count_device)
+        raise error
+
     def _agree(self, error: BaseException | None, what: str, async_finish: bool) -> None:
-        # An async call must not wait for its peers, so it skips the agreement: bad input on one
-        # rank alone then surfaces on the others as the backend's collective timeout.
+        # Node-limited mode (two dependent stages): a round trip of error flags first. An async
+        # call must not wait for its peers, so it skips it: bad input on one rank alone then
+        # surfaces on the others as the backend's collective timeout.
         if self.agree_on_errors and not async_finish:
             agree_no_error(self.group, error, self._count_device, what)
         elif error is not None:
@@ -388,40 +423,55 @@ class Buffer:
                     raise ValueError(f"topk_weights must have x's {x.shape[0]} rows, got shape {tuple(topk_weights.shape)}")
         except _INPUT_ERRORS as err:
             error = err
-        self._agree(error, "combine", async_finish)
-        if handle.node is not None:
+        if self._node is not None:
+            self._agree(error, "combine", async_finish)
             return self._node.combine(x, handle, topk_weights, async_finish)
-        return self._combine_flat(x, handle, topk_weights, async_finish)
-
-    def _combine_flat(self, x, handle, topk_weights, async_finish):
+        guarded = self._guard(error, "combine", 2)  # the rows and the top-k weights
         return self._send_back([x, topk_weights], handle.send_pos, handle.send_splits, handle.recv_splits,
-                               handle.num_tokens, self.group, async_finish)
+                               handle.num_tokens, self.group, async_finish, guarded, self._count_device)
 
     @staticmethod
-    def _send_back(tensors, send_pos, send_splits, recv_splits, num_tokens, group, async_finish):
+    def _send_back(tensors, send_pos, send_splits, recv_splits, num_tokens, group, async_finish,
+                   guarded: bool = False, count_device: torch.device | None = None):
         """The reverse exchange of each tensor in ``tensors`` (None stays None), all launched
         together, and the per-token sum of the rows that come back (FP32; FP64 for float64).
         The rows are sent straight from the tensors (already in the exchange's order); they come
-        back into pooled buffers. Returns (*sums, event)."""
-        works, finish, results = [], [], []
+        back into pooled buffers. ``guarded``: the exchanges carry the error agreement
+        (comm/guarded.py); a peer's bad input raises CollectiveInputError at the event.
+        Returns (*sums, event)."""
+        exchanges, reduces, releases, results = [], [], [], []
         s = sum(send_splits)
         for t in tensors:
             if t is None:
+                exchanges.append(None)
                 results.append(None)
                 continue
             t = t.contiguous()
             back_bytes, release = memory.scratch(s * t.shape[1] * t.element_size(), t.device)
             back = back_bytes.view(t.dtype).view(s, t.shape[1])
-            works.append(launch_all_to_all(back, t, send_splits, recv_splits, group, async_op=True))
+            exchanges.append(Exchange(back, t, send_splits, recv_splits))
             out = memory.output((num_tokens, t.shape[1]), t.dtype, t.device)
-
-            def reduce(back=back, out=out, release=release) -> None:
-                kernels.combine_reduce_into(back, send_pos, out)
-                release()
-
-            finish.append(reduce)
+            reduces.append(functools.partial(kernels.combine_reduce_into, back, send_pos, out))
+            releases.append(release)
             results.append(out)
-        event = EventOverlap(works, finish)
+        check = None
+        if guarded:
+            header_work, works, check = launch_guarded(exchanges, group, "combine", count_device)
+            works = [header_work, *works]
+        else:
+            works = [ex.launch(group) for ex in exchanges if ex is not None]
+
+        def finish() -> None:
+            try:
+                if check is not None:
+                    check()
+                for reduce in reduces:
+                    reduce()
+            finally:
+                for release in releases:
+                    release()
+
+        event = EventOverlap(works, [finish])
         if not async_finish:
             event.current_stream_wait()
             event = EventOverlap()

@@ -24,24 +24,33 @@ class EventOverlap:
     body (work to overlap) and waits on exit.
     """
 
-    def __init__(self, works: Sequence[dist.Work] = (), finish: Sequence[Callable[[], None]] = ()):
+    def __init__(self, works: Sequence[dist.Work | None] = (), finish: Sequence[Callable[[], None]] = ()):
         self._works = [w for w in works if w is not None]
         self._finish = list(finish)
         self._done = not self._works and not self._finish
+        self._error: BaseException | None = None
 
     def is_complete(self) -> bool:
         """True once the data has arrived (without waiting, and before the finishing steps run)."""
         return self._done or all(w.is_completed() for w in self._works)
 
     def current_stream_wait(self) -> None:
-        """Waits for the communication, then runs the finishing steps (once)."""
+        """Waits for the communication, then runs the finishing steps (once). If a step raises
+        (e.g. CollectiveInputError: a peer rejected its input), every later wait raises it again."""
         if self._done:
+            if self._error is not None:
+                raise self._error
             return
-        for w in self._works:
-            w.wait()
-        for fn in self._finish:
-            fn()
+        works, finish = self._works, self._finish
         self._works, self._finish, self._done = [], [], True
+        try:
+            for w in works:
+                w.wait()
+            for fn in finish:
+                fn()
+        except BaseException as err:
+            self._error = err
+            raise
 
     def then(self, fn: Callable[[], None]) -> EventOverlap:
         """Adds a finishing step (runs now if the event has already finished)."""

@@ -64,3 +64,67 @@ def test_bad_input_raises_on_every_rank(world: int) -> None:
         assert kind == ("ValueError" if rank == 0 else collective) and (rank or "handle" in msg), out
         assert out["handle_other_buffer"][0] == "ValueError" and "another Buffer" in out["handle_other_buffer"][1]
         assert out["after"] is True
+
+
+def bad_input_rides_on_the_exchange(rank: int, world: int, bad: int) -> dict:
+    """The flat combine and dispatch-with-handle carry the error flags in a header launched with
+    the payload (comm/guarded.py): a bad rank takes part in its peers' exchanges with the byte
+    counts they announce, so none blocks, and every rank raises."""
+    import ops
+
+    buf = all_to_all.Buffer()
+    E, T, H = 2 * world, 30 + 7 * rank, 200  # H > 128: FP8 scales have 2 columns
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    idx = torch.randint(-1, E, (T, 3))
+    w = torch.rand(T, 3)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    z = torch.randn(recv_x.shape, dtype=torch.bfloat16)
+    want_x, want_w, _ = buf.combine(z, handle, topk_weights=recv_w)
+    want_x, want_w = want_x.clone(), want_w.clone()
+    out = {}
+    # A handle that is no handle at all: the bad rank knows no split size, its peers announce them.
+    out["combine_no_handle"] = _outcome(lambda: buf.combine(z, "nope" if rank == bad else handle, topk_weights=recv_w))
+    wrong_w = recv_w.double() if rank == bad else recv_w  # two exchanges mirrored (rows and weights)
+    out["combine_bad_weights"] = _outcome(lambda: buf.combine(z, handle, topk_weights=wrong_w))
+
+    def async_combine() -> None:
+        zz = z[:-1] if rank == bad else z
+        _, _, event = buf.combine(zz, handle, topk_weights=recv_w, async_finish=True)
+        out["async_returned"] = True  # good ranks get here, the bad one raised in the call
+        try:
+            event.current_stream_wait()
+        finally:
+            out["async_rewait"] = _outcome(event.current_stream_wait)
+
+    out["async_combine"] = _outcome(async_combine)
+    q, sf = ops.per_token_cast_to_fp8(x)
+    want_q, want_sf = buf.dispatch((q, sf), handle=handle)[0]
+    bad_sf = sf[:, :1] if rank == bad else sf  # FP8 with a handle: side (scales) + main exchanges
+    out["dispatch_handle_fp8"] = _outcome(lambda: buf.dispatch((q, bad_sf), handle=handle))
+    # The group still works and gives the same bytes / sums as before the failures.
+    got_q, got_sf = buf.dispatch((q, sf), handle=handle)[0]
+    got_x, got_w, _ = buf.combine(z, handle, topk_weights=recv_w)
+    out["after"] = (torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got_sf, want_sf)
+                    and torch.equal(got_x, want_x) and torch.equal(got_w, want_w))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_bad_input_on_one_rank_raises_everywhere_without_a_round_trip(world: int) -> None:
+    bad = world - 1 if world > 2 else 0
+    results = run_distributed(bad_input_rides_on_the_exchange, world, bad, timeout=180)
+    collective = CollectiveInputError.__name__
+    for rank, out in enumerate(results):
+        mine = rank == bad
+        kind, msg = out["combine_no_handle"]
+        assert (kind == "TypeError" and "handle" in msg) if mine else kind == collective, (rank, out)
+        kind, msg = out["combine_bad_weights"]
+        assert (kind == "TypeError" and "topk_weights" in msg) if mine else kind == collective, (rank, out)
+        kind, msg = out["async_combine"]
+        if mine:
+            assert kind == "ValueError" and "rows" in msg and "async_returned" not in out, (rank, out)
+        else:  # returned before the data arrived; the wait raises, and so does a second wait
+            assert out["async_returned"] and kind == collective and out["async_rewait"][0] == collective, (rank, out)
+        kind, msg = out["dispatch_handle_fp8"]
+        assert (kind == "ValueError" and "scales" in msg) if mine else kind == collective, (rank, out)
+        assert out["after"] is True, (rank, out)
