@@ -6,7 +6,8 @@ torch.matmul". A read-bandwidth ceiling (a float32 sum over as many bytes as the
 memory-bound groups, so ours can be read as a fraction of the machine's bandwidth.
 
 Targets (issue 3): compute-bound >= 0.8x BF16 matmul and >= 4x _scaled_mm; memory-bound (M <= 16,
-N = K = 7168) >= 1.5x BF16 matmul; grouped contiguous (8 x 512 rows, N 2048, K 7168) >= 0.8x
+N = K = 7168) >= 1.5x BF16 matmul (also measured on one thread, M = 1, to show how each side scales;
+every case records torch's thread count in extra_info); grouped contiguous (8 x 512 rows, N 2048, K 7168) >= 0.8x
 BF16 matmul on the same FLOPs. Shapes: the issue's compute-bound shapes up to 4096 x 7168 x 7168
 take seconds per call on 2 cores; the quick case is M = N = 2048, K = 7168 and the others are in
 the full run.
@@ -19,6 +20,7 @@ import torch
 
 import ops
 from launch.metrics import MATMUL_LAYOUTS, matmul_rate
+from ops.gemm import prepack_fp8_weight
 from ops.reference import dequantize_tiles_reference
 
 ROUNDS = 3
@@ -53,7 +55,7 @@ def _peer(impl: str, a, b, m: int, n: int):
 def _run(benchmark, group: str, impl: str, fn, work: float, unit: str = "FLOP", rounds: int = ROUNDS) -> None:
     benchmark.group = group
     role = "ours" if impl == "ours" else ("ceiling" if impl == "read_bandwidth" else "peer")
-    benchmark.extra_info.update(role=role, work=work, unit=unit)
+    benchmark.extra_info.update(role=role, work=work, unit=unit, threads=torch.get_num_threads())
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
@@ -96,9 +98,28 @@ def test_compute_bound(benchmark, shape: tuple[int, int, int], impl: str) -> Non
     _run(benchmark, f"fp8_gemm_nt compute-bound {m}x{n}x{k} cpu", impl, fn, 2.0 * m * n * k, rounds=2)
 
 
+MEMORY_BOUND_IMPLS = ["ours", "matmul_bf16", "matmul_fp32", "read_bandwidth"]
+
+
 @pytest.mark.parametrize("m", [pytest.param(1, marks=pytest.mark.quick), 8, 16])
-@pytest.mark.parametrize("impl", ["ours", "matmul_bf16", "matmul_fp32", "read_bandwidth"])
+@pytest.mark.parametrize("impl", MEMORY_BOUND_IMPLS)
 def test_memory_bound(benchmark, m: int, impl: str) -> None:
+    _memory_bound(benchmark, m, impl, f"fp8_gemm_nt memory-bound M={m} N=K=7168 cpu")
+
+
+@pytest.mark.parametrize("impl", ["ours", "matmul_bf16", "read_bandwidth"])
+def test_memory_bound_one_thread(benchmark, impl: str) -> None:
+    """M = 1 on one thread: with the two-thread group above it shows how each side scales (the
+    GEMV is near compute-bound on one Zen 3 core and memory-bound on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _memory_bound(benchmark, 1, impl, "fp8_gemm_nt memory-bound M=1 N=K=7168 cpu, 1 thread")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _memory_bound(benchmark, m: int, impl: str, group: str) -> None:
     n = k = 7168
     a, b = _operands(m, n, k)
     weight_bytes = n * k  # FP8 weight bytes: what ours must stream
@@ -113,7 +134,7 @@ def test_memory_bound(benchmark, m: int, impl: str) -> None:
     else:
         fn = _peer(impl, a, b, m, n)
         work, unit = weight_bytes * (2 if impl == "matmul_bf16" else 4), "B"
-    _run(benchmark, f"fp8_gemm_nt memory-bound M={m} N=K=7168 cpu", impl, fn, work, unit, rounds=5)
+    _run(benchmark, group, impl, fn, work, unit, rounds=5)
 
 
 @pytest.mark.quick
@@ -137,3 +158,17 @@ def test_grouped_contiguous(benchmark, impl: str) -> None:
         ws = torch.randn(g, n, k, dtype=dtype)
         fn = lambda: [torch.matmul(xs[e], ws[e].T) for e in range(g)]  # noqa: E731
     _run(benchmark, f"m_grouped_contiguous {g}x{rows} N={n} K={k} cpu", impl, fn, work, rounds=2)
+
+
+@pytest.mark.parametrize("m", [pytest.param(17, marks=pytest.mark.quick), 64])
+@pytest.mark.parametrize("impl", ["ours", "unpacked"])
+def test_prepacked_weight(benchmark, m: int, impl: str) -> None:
+    """ours: fp8_gemm_nt with a PackedFP8Weight (B decoded once, by prepack_fp8_weight); peer: the
+    same call with (b, sb), which decodes B into fp32 panels on every call. Few-row shapes (MoE
+    experts with few tokens) are where the per-call decode is a large share of the work."""
+    n = k = 7168
+    a, b = _operands(m, n, k)
+    w = prepack_fp8_weight(b) if impl == "ours" else b
+    d = torch.empty(m, n, dtype=torch.bfloat16)
+    fn = lambda: ops.fp8_gemm_nt(a, w, d)  # noqa: E731
+    _run(benchmark, f"fp8_gemm_nt prepacked weight M={m} N=K=7168 cpu", impl, fn, 2.0 * m * n * k)

@@ -7,6 +7,7 @@ One call runs on the CPU or CUDA kernel by the tensors' device.
 from ops._native import built_with_cuda, cpu_isa, detected_cpu_isa, set_cpu_isa
 from ops.diff import calc_diff
 from ops.gemm import (
+    PackedFP8Weight,
     fp8_gemm_nn,
     fp8_gemm_nt,
     fp8_gemm_tn,
@@ -18,11 +19,13 @@ from ops.gemm import (
     k_grouped_fp8_gemm_tn_contiguous,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
+    prepack_fp8_weight,
 )
 from ops.linear import fp8_linear, grouped_fp8_linear
 from ops.quant import per_block_cast_to_fp8, per_token_cast_to_fp8, transposed_per_token_cast_to_fp8
 
 __all__ = [
+    "PackedFP8Weight",
     "built_with_cuda",
     "calc_diff",
     "cpu_isa",
@@ -42,6 +45,7 @@ __all__ = [
     "m_grouped_fp8_gemm_nt_masked",
     "per_block_cast_to_fp8",
     "per_token_cast_to_fp8",
+    "prepack_fp8_weight",
     "set_cpu_isa",
     "transposed_per_token_cast_to_fp8",
 ]

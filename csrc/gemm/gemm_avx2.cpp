@@ -118,20 +118,35 @@ inline float hsum(__m256 v) {
 // The GEMV decodes each B byte once per kGemvMr rows of A, so its decoder must be cheap (F16C's
 // vcvtph2ps issues at about one per cycle on Zen 3 and bounded the old fp16 route). Here 32 e4m3
 // bytes become 4 x 8 fp32 with shifts and ands only: in lane J (J = 0..3), 32-bit element i
-// holds byte 4i + J, moved to the top of its lane (<< 24 - 8J), shifted right by 4 with the sign
-// copied, and masked to sign | 4 exponent bits | 3 mantissa bits in fp32's fields. That fp32 is
-// the e4m3 value * 2^-120, exactly, for normals and subnormals alike (e4m3 subnormals become
-// fp32 subnormals: the kernel clears MXCSR.DAZ while it runs). NaN codes decode to a finite
-// value; a running byte maximum flags them (see gemv_tile).
+// holds byte 4i + J, moved to bits 27..20 with its sign copied above and masked to
+// sign | 4 exponent bits | 3 mantissa bits in fp32's fields. That fp32 is the e4m3 value * 2^-120,
+// exactly, for normals and subnormals alike (e4m3 subnormals become fp32 subnormals: the kernel
+// clears MXCSR.DAZ while it runs). NaN codes decode to a finite value; a running byte maximum
+// flags them (see gemv_tile).
+//
+// Cost per 32 bytes: 5 shifts + 4 ands (Lanes below) where moving each byte to the top of its
+// 32-bit element first took 7 shifts + 4 ands; at M = 1 the decoder, not the 4 FMAs, is most of
+// the work, and vector shifts issue on only two of Zen 3's four FP pipes.
 constexpr int kGemvStep = 32;          // B bytes per row per step (one AVX2 load)
 constexpr float kGemvAScale = 0x1p64f;  // A is packed as value * 2^64 (products stay normal)
 constexpr float kGemvUnscale = 0x1p56f;  // 2^120 / 2^64: restores a block partial before promotion
+// Software prefetch distance (bytes ahead in each B row, one prefetch per 64-byte line). The
+// hardware prefetcher stops at 4 KiB page boundaries; a plain AVX2 read loop over a 51 MB
+// buffer in 4 KiB pages streamed 13 GB/s without and 17 GB/s with a 1 KiB prefetch here (one
+// thread), which matters once two threads make the GEMV memory-bound.
+constexpr int64_t kGemvPrefetch = 1024;
 
+// The two 16-bit arithmetic shifts that put e4m3 bytes at bits 11..4 of their 16-bit word (sign
+// copied above): `odd` holds bytes 1 and 3 of every 32-bit element, `even` bytes 0 and 2 (moved
+// up by 8 first). A lane is then its word, moved to the upper half for bytes 0 and 1, masked.
+inline __m256i odd_bytes(__m256i x) { return _mm256_srai_epi16(x, 4); }
+inline __m256i even_bytes(__m256i x) { return _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 4); }
+
+// Lane J from odd_bytes (J = 1, 3) or even_bytes (J = 0, 2) of the same 32 bytes.
 template <int J>
-inline __m256 e4m3_lane(__m256i x) {
-  const __m256i t = J == 3 ? x : _mm256_slli_epi32(x, 24 - 8 * J);
-  return _mm256_castsi256_ps(
-      _mm256_and_si256(_mm256_srai_epi32(t, 4), _mm256_set1_epi32(static_cast<int>(0x87F00000u))));
+inline __m256 e4m3_lane(__m256i w) {
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87F00000u));
+  return _mm256_castsi256_ps(_mm256_and_si256(J >= 2 ? w : _mm256_slli_epi32(w, 16), mask));
 }
 
 // A row in the GEMV layout: value * 2^64; in every 32-column chunk, column 4i + J is stored at
@@ -148,7 +163,8 @@ void gemv_pack_a_avx2(const uint8_t* src, int64_t k, float* dst) {
 
 // MR rows of A against R rows of B over all of K: per step, R 32-byte loads of B, each lane
 // decoded once and FMA'd into MR rows (NA accumulator sets break the FMA chains when MR * R is
-// small). Each 128-K block's partial is promoted with sa * sb.
+// small). Lanes 3 and 1 are done first (from odd_bytes), then 2 and 0 (from even_bytes), so at
+// most 2R vectors of B are live. Each 128-K block's partial is promoted with sa * sb.
 template <int MR, int R, int NA>
 void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const uint8_t* const* b,
                const float* const* sb, int64_t k, float* out, int64_t ldo) {
@@ -166,11 +182,11 @@ void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const
       for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) acc[s][i][r] = _mm256_setzero_ps();
-    auto lane = [&](const __m256i* x, const float* ak, auto j) {
+    auto lane = [&](const __m256i* w, const float* ak, auto j) {
       constexpr int J = decltype(j)::value;
       __m256 bv[R];
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) bv[r] = e4m3_lane<J>(x[r]);
+      for (int r = 0; r < R; ++r) bv[r] = e4m3_lane<J>(w[r]);
 #pragma GCC unroll 4
       for (int i = 0; i < MR; ++i) {
         const __m256 av = _mm256_loadu_ps(ak + i * lda + 8 * J);
@@ -179,10 +195,15 @@ void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const
       }
     };
     auto step = [&](const __m256i* x, int64_t kk) {
-      lane(x, a + kk, std::integral_constant<int, 0>{});
-      lane(x, a + kk, std::integral_constant<int, 1>{});
-      lane(x, a + kk, std::integral_constant<int, 2>{});
-      lane(x, a + kk, std::integral_constant<int, 3>{});
+      __m256i w[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) w[r] = odd_bytes(x[r]);
+      lane(w, a + kk, std::integral_constant<int, 3>{});
+      lane(w, a + kk, std::integral_constant<int, 1>{});
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) w[r] = even_bytes(x[r]);
+      lane(w, a + kk, std::integral_constant<int, 2>{});
+      lane(w, a + kk, std::integral_constant<int, 0>{});
     };
     int64_t kk = b0;
     for (; kk + kGemvStep <= b1; kk += kGemvStep) {
@@ -190,7 +211,7 @@ void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[r] + kk));
-        _mm_prefetch(reinterpret_cast<const char*>(b[r] + kk) + 512, _MM_HINT_T0);
+        if ((kk & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(b[r] + kk) + kGemvPrefetch, _MM_HINT_T0);
         nan_max = _mm256_max_epu8(nan_max, _mm256_and_si256(x[r], m7f));
       }
       step(x, kk);

@@ -1,5 +1,5 @@
 // CPU FP8 GEMM driver: one blocked, multi-threaded GEMM with DeepSeek-V3's FP32 promotion per
-// 128-K block, and the four ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
+// 128-K block, and the ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
 //
 // Two paths, sharing the building blocks of gemm_kernels.h (portable or AVX2 by cpuid):
 //   * packed (M > kGemvMaxM, compute-bound): B, one slab of kSlabN columns at a time, is decoded
@@ -10,6 +10,8 @@
 //     sweeps its kMr-row groups of A (kept in L2) with the micro-kernel, which runs every 128-K
 //     block of the chunk in registers and promotes each block's partial into the task's FP32 C
 //     tile with the A and B scales of the block.
+//     A weight packed once by fp8_prepack_b (ops.prepack_fp8_weight) holds all of these panels:
+//     then no slab is decoded per call (a third of the work at M = 17, N = K = 7168).
 //   * GEMV (M <= kGemvMaxM, memory-bound): A is packed once (gemv_pack_a); tasks stream groups of
 //     kGemvRows B rows, each 32-byte vector decoded in registers once per kGemvMr rows of A
 //     (B's bytes are read from memory once: half the bytes of a BF16 weight).
@@ -47,6 +49,9 @@ struct GemmArgs {
   void* d = nullptr;  // d[i * ldd + j], float or bf16
   int64_t ldd = 0;
   bool d_bf16 = false;
+  // Optional: all of B already decoded into the packed path's panels by fp8_prepack_b_cpu
+  // (panel p, column kk, lane r at b_panels[(p * k + kk) * kNr + r]); then no slab is decoded.
+  const float* b_panels = nullptr;
 
   const float* sb_row(int64_t j) const { return sb + (sb_per_row ? j : j / kBlockK) * ldsb; }
 };
@@ -141,16 +146,19 @@ void run_packed(const GemmArgs& g, const KernelSet& ks) {
 
   // B, one slab of kSlabN columns at a time (L3-sized, reused): decoded into K-interleaved
   // kNr-column panels, then every task of the slab.
-  at::Tensor slab = at::empty({std::min(panels_b, kSlabN / kNr) * g.k * kNr}, f32);
-  float* pb = floats(slab);
+  // (With g.b_panels, B was decoded once by fp8_prepack_b_cpu: the slab is a view of it.)
+  at::Tensor slab = g.b_panels ? at::Tensor() : at::empty({std::min(panels_b, kSlabN / kNr) * g.k * kNr}, f32);
+  float* slab_data = g.b_panels ? nullptr : floats(slab);
   for (int64_t s0 = 0; s0 < g.n; s0 += kSlabN) {
     const int64_t sn = std::min(kSlabN, g.n - s0), sp = cdiv(sn, kNr), tiles_n = cdiv(sn, kTileN);
-    parallel_tasks(sp, 0, [&](int64_t p, float*) {
-      const int64_t j0 = s0 + p * kNr;
-      const int rows = static_cast<int>(std::min<int64_t>(kNr, g.n - j0));
-      for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK)
-        ks.pack_b(g.b + j0 * g.ldb, g.ldb, rows, c0, std::min(kChunkK, g.k - c0), pb + (p * g.k + c0) * kNr);
-    });
+    const float* pb = g.b_panels ? g.b_panels + (s0 / kNr) * g.k * kNr : slab_data;
+    if (!g.b_panels)
+      parallel_tasks(sp, 0, [&](int64_t p, float*) {
+        const int64_t j0 = s0 + p * kNr;
+        const int rows = static_cast<int>(std::min<int64_t>(kNr, g.n - j0));
+        for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK)
+          ks.pack_b(g.b + j0 * g.ldb, g.ldb, rows, c0, std::min(kChunkK, g.k - c0), slab_data + (p * g.k + c0) * kNr);
+      });
     const int64_t groups_n = cdiv(tiles_n, group), tasks = tiles_m * groups_n;
     std::atomic<int64_t> next{0};
     run_workers(std::min(workers, tasks), [&](int64_t w) {
@@ -195,9 +203,12 @@ void run_gemv(const GemmArgs& g, const KernelSet& ks) {
   std::vector<float> a32(static_cast<size_t>(g.m * lda));
   for (int64_t i = 0; i < g.m; ++i) ks.gemv_pack_a(g.a + i * g.lda, g.k, a32.data() + i * lda);
 
-  // 2. Groups of kGemvRows B rows, each decoded once per kGemvMr rows of A.
+  // 2. Groups of kGemvRows B rows, each decoded once per kGemvMr rows of A. A task is a whole
+  // number of kGemvTaskCols-column units of d (32 bf16 outputs are 64 bytes: where d's rows are
+  // 64-byte aligned, two threads never write one cache line of d) and streams >= 64 KiB of B.
   const int64_t groups = cdiv(g.n, kGemvRows);
-  const int64_t per_task = std::max<int64_t>(1, 65536 / (kGemvRows * g.k));  // groups per task: >= 64 KiB of B
+  constexpr int64_t kGemvTaskCols = 32 * kGemvRows;  // a multiple of 32 columns and of kGemvRows
+  const int64_t per_task = kGemvTaskCols / kGemvRows * cdiv(65536, kGemvTaskCols * g.k);  // groups per task
   parallel_tasks(cdiv(groups, per_task), 0, [&](int64_t task, float*) {
     float out[kGemvMr * kGemvRows];
     const uint8_t* brow[kGemvRows];
@@ -274,24 +285,61 @@ const uint8_t* bytes(const at::Tensor& t) { return reinterpret_cast<const uint8_
 using gemm::cdiv;
 using gemm::kBlockK;
 
-void fp8_gemm_nt_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
-                         const std::optional<at::Tensor>& c, const at::Tensor& d) {
-  gemm::check_fp8(a, "fp8_gemm_nt: a", 2);
-  gemm::check_fp8(b, "fp8_gemm_nt: b", 2);
+namespace gemm {
+namespace {
+
+// The checked arguments of one dense D = C + A @ B^T (the fp8_gemm_nt ops).
+GemmArgs dense_args(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                    const std::optional<at::Tensor>& c, const at::Tensor& d) {
+  check_fp8(a, "fp8_gemm_nt: a", 2);
+  check_fp8(b, "fp8_gemm_nt: b", 2);
   const int64_t m = a.size(0), k = a.size(1), n = b.size(0), num_kb = cdiv(k, kBlockK);
   TORCH_CHECK(b.size(1) == k, "fp8_gemm_nt: b has K=", b.size(1), " but a has K=", k);
-  gemm::check_f32(sa, "fp8_gemm_nt: sa", {m, num_kb});
+  check_f32(sa, "fp8_gemm_nt: sa", {m, num_kb});
   TORCH_CHECK(sb.dim() == 2, "fp8_gemm_nt: sb must be 2-D");
-  const bool per_row = gemm::sb_layout_per_row(sb, n, num_kb, "fp8_gemm_nt: sb");
-  gemm::check_out(d, "fp8_gemm_nt: d", {m, n}, c.has_value());
-  if (c) gemm::check_f32(*c, "fp8_gemm_nt: c", {m, n});
+  const bool per_row = sb_layout_per_row(sb, n, num_kb, "fp8_gemm_nt: sb");
+  check_out(d, "fp8_gemm_nt: d", {m, n}, c.has_value());
+  if (c) check_f32(*c, "fp8_gemm_nt: c", {m, n});
 
-  gemm::GemmArgs g;
+  GemmArgs g;
   g.m = m, g.n = n, g.k = k;
-  g.a = gemm::bytes(a), g.lda = k, g.sa = sa.data_ptr<float>(), g.ldsa = num_kb;
-  g.b = gemm::bytes(b), g.ldb = k, g.sb = sb.data_ptr<float>(), g.ldsb = num_kb, g.sb_per_row = per_row;
+  g.a = bytes(a), g.lda = k, g.sa = sa.data_ptr<float>(), g.ldsa = num_kb;
+  g.b = bytes(b), g.ldb = k, g.sb = sb.data_ptr<float>(), g.ldsb = num_kb, g.sb_per_row = per_row;
   if (c) g.c = c->data_ptr<float>(), g.ldc = n;
   g.d = d.data_ptr(), g.ldd = n, g.d_bf16 = d.scalar_type() == at::kBFloat16;
+  return g;
+}
+
+}  // namespace
+}  // namespace gemm
+
+void fp8_gemm_nt_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                         const std::optional<at::Tensor>& c, const at::Tensor& d) {
+  gemm::run_gemm(gemm::dense_args(a, sa, b, sb, c, d));
+}
+
+at::Tensor fp8_prepack_b_cpu(const at::Tensor& b) {
+  gemm::check_fp8(b, "fp8_prepack_b: b", 2);
+  const int64_t n = b.size(0), k = b.size(1), panels = cdiv(n, gemm::kNr);
+  at::Tensor out = at::empty({panels, k, gemm::kNr}, b.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const gemm::KernelSet ks = gemm::active_kernels();  // every kernel set decodes to the same exact values
+  const uint8_t* src = gemm::bytes(b);
+  float* dst = out.data_ptr<float>();
+  gemm::parallel_tasks(panels, 0, [&](int64_t p, float*) {
+    const int rows = static_cast<int>(std::min<int64_t>(gemm::kNr, n - p * gemm::kNr));
+    for (int64_t c0 = 0; c0 < k; c0 += gemm::kChunkK)
+      ks.pack_b(src + p * gemm::kNr * k, k, rows, c0, std::min(gemm::kChunkK, k - c0), dst + (p * k + c0) * gemm::kNr);
+  });
+  return out;
+}
+
+void fp8_gemm_nt_prepacked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                   const at::Tensor& sb, const at::Tensor& b_panels, const std::optional<at::Tensor>& c,
+                                   const at::Tensor& d) {
+  gemm::GemmArgs g = gemm::dense_args(a, sa, b, sb, c, d);
+  gemm::check_f32(b_panels, "fp8_gemm_nt_prepacked: b_panels", {cdiv(g.n, gemm::kNr), g.k, gemm::kNr});
+  g.b_panels = b_panels.data_ptr<float>();
   gemm::run_gemm(g);
 }
 

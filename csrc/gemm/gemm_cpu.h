@@ -10,6 +10,12 @@ namespace dsv3 {
 
 void fp8_gemm_nt_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
                          const std::optional<at::Tensor>& c, const at::Tensor& d);
+// B [N, K] e4m3 decoded once into the packed path's fp32 panels: [ceil(N/16), K, 16] float32.
+at::Tensor fp8_prepack_b_cpu(const at::Tensor& b);
+// fp8_gemm_nt_out with b_panels = fp8_prepack_b_cpu(b) (used when M > 16; GEMV reads b itself).
+void fp8_gemm_nt_prepacked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                   const at::Tensor& sb, const at::Tensor& b_panels, const std::optional<at::Tensor>& c,
+                                   const at::Tensor& d);
 void m_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
                                               const at::Tensor& sb, const at::Tensor& m_indices, const at::Tensor& d);
 void m_grouped_fp8_gemm_nt_masked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,

@@ -29,6 +29,16 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   //   d [M, N] bf16 or f32 contiguous (f32 when c is given). M, N, K >= 0, any values.
   m.def("fp8_gemm_nt_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor? c, Tensor(a!) d) -> ()");
 
+  // Pre-packed weights (CPU only; ops.prepack_fp8_weight): B decoded once, instead of on every
+  // call, into the fp32 panels the packed (M > 16) CPU path multiplies:
+  //   fp8_prepack_b(b [N, K] e4m3) -> [ceil(N/16), K, 16] f32, element (p, k, r) = B[16p + r, k] / 256
+  //   (exact; zeros past N). Scales are not folded in: sb is applied at promotion as always.
+  //   fp8_gemm_nt_prepacked_out: fp8_gemm_nt_out plus b_panels = fp8_prepack_b(b) (b is still
+  //   passed: the GEMV path, M <= 16, streams the FP8 bytes, half the bytes of BF16).
+  m.def("fp8_prepack_b(Tensor b) -> Tensor");
+  m.def("fp8_gemm_nt_prepacked_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor b_panels, Tensor? c, "
+        "Tensor(a!) d) -> ()");
+
   // Grouped GEMM, groups contiguous along M (MoE experts after dispatch):
   //   a [M, K] e4m3; sa [M, kb(K)] f32; b [G, N, K] e4m3;
   //   sb [G, ceil(N/128), kb(K)] (or per-row [G, N, kb(K)]) f32;
@@ -66,6 +76,8 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("fp8_gemm_nt_out", &dsv3::fp8_gemm_nt_out_cpu);
+  m.impl("fp8_prepack_b", &dsv3::fp8_prepack_b_cpu);
+  m.impl("fp8_gemm_nt_prepacked_out", &dsv3::fp8_gemm_nt_prepacked_out_cpu);
   m.impl("m_grouped_fp8_gemm_nt_contiguous_out", &dsv3::m_grouped_fp8_gemm_nt_contiguous_out_cpu);
   m.impl("m_grouped_fp8_gemm_nt_masked_out", &dsv3::m_grouped_fp8_gemm_nt_masked_out_cpu);
   m.impl("k_grouped_fp8_gemm_nt_contiguous_out", &dsv3::k_grouped_fp8_gemm_nt_contiguous_out_cpu);
