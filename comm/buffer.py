@@ -1,57 +1,36 @@
 """``Buffer``: expert-parallel dispatch and combine with DeepEP's API, on any backend.
 
 Dispatch sends each token to every rank that holds at least one of its top-k experts (once per
-rank), as raw bytes. After one small all-to-all of row counts (which also carries every rank's
-error flag), two variable-size all-to-alls run concurrently: a small "side" message of packed
-rows (the FP8 scales, and the top-k made local to the receiver) and the main payload (the
-fp32/bf16/fp16/fp64 rows, or the FP8 rows), whose receive buffer IS the returned recv_x: no
-unpack copy. The receiver counts its tokens per expert from the top-k it received, so no
-per-expert count exchange is needed. Combine sends each received row back straight from the
-caller's x (its rows are already in the order the reverse exchange needs) and sums, per token,
-the rows from every rank that received it, in FP32 (FP64 for float64 rows).
+rank), as raw bytes; received rows are ordered by source rank, then by source token. The
+receiver counts its tokens per expert from the top-k it received, so no per-expert count
+exchange is needed. Combine sends each received row back and sums, per token, the rows from
+every rank that received it, in FP32 (FP64 for float64 rows).
 
-Cost model (CPU, gloo, measured in bench/bench_comm.py): the transfer dominates once the buffers
-are right. What used to dominate was first-touch page faults of freshly allocated 60 MB
-buffers (several times the cost of the copy that fills them): send and reverse-receive buffers
-come from a reused pool, and recv_x / combined_x from cached memory that no tensor references
-any more (comm/memory.py: memory the caller still holds is never handed out again). Every small
-collective costs one round trip, so there are as few as the API allows: the error agreement
-that keeps a bad input on one rank from hanging the others rides on the count exchange
-(dispatch) or on a header launched with the payload (combine, dispatch with a handle).
+This file is the API: arguments, their checks, and what each call returns. The checks run
+before any collective, and a bad input on one rank raises on every rank (``agree_on_errors``)
+instead of leaving its peers blocked. How the rows travel (packing, the exchanges, reused
+buffers, the cost model) is comm/transfer.py; the node-limited mode's two stages are
+comm/node_limited.py.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-from comm import kernels, memory
+from comm import kernels, transfer
 from comm.events import EventOverlap, wait_previous
-from comm.guarded import Exchange, fail_guarded, launch_guarded
+from comm.guarded import fail_guarded
 from comm.layout import DispatchHandle, check_topk, new_owner_id
-from comm.primitives import agree_no_error, exchange_counts
+from comm.primitives import agree_no_error
 from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
 
 __all__ = ["Buffer"]
 
+# What argument checks raise (ops.checks, and the layout kernel's own shape checks). A call catches
+# them instead of raising at once, so that a rank with bad input still takes part in the collectives
+# its peers enter, and every rank raises (see ``agree_on_errors``).
 _INPUT_ERRORS = (TypeError, ValueError, RuntimeError)
-
-
-@dataclass
-class _Packed:
-    """A dispatch's packed send side: send_pos [T, R], the side rows (or None), the top-k width
-    k (None when no top-k travels), the main rows (a pooled scratch buffer) and the function that
-    returns it to the pool."""
-
-    send_pos: torch.Tensor
-    send_side: torch.Tensor | None
-    k: int | None
-    send_main: torch.Tensor
-    release: Callable[[], None]
 
 
 def _payload_parts(x: object) -> list[torch.Tensor]:
@@ -192,51 +171,30 @@ class Buffer:
             if self._node is not None:
                 self._agree(error, "dispatch", async_finish)
                 return self._node.dispatch_with_handle(x, parts, handle, async_finish)
-            guarded = self._guard(error, "dispatch", 2)  # the side and main exchanges of _move
-            recv_parts, event, _ = self._move(parts, handle.is_token_in_rank, handle.send_splits, handle.recv_splits,
-                                              None, None, 1, async_finish, guarded=guarded)
+            guarded = self._guard(error, "dispatch", 2)  # the side and main exchanges of transfer.move
+            recv_parts, event, _ = transfer.move(parts, handle.is_token_in_rank, handle.send_splits,
+                                                 handle.recv_splits, None, None, 1, async_finish, self.group,
+                                                 guarded=guarded, count_device=self._count_device)
             return self._form(x, recv_parts), None, None, None, None, event
 
-        try:
-            if error is not None:
-                raise error
-            num_tokens = parts[0].shape[0]
-            if num_experts is None and num_tokens_per_expert is None:
-                raise ValueError("dispatch without a handle needs num_tokens_per_expert (from get_dispatch_layout) "
-                                 "or num_experts")
-            num_experts = self._check_num_experts(num_experts if num_experts is not None
-                                                  else check_tensor("num_tokens_per_expert", num_tokens_per_expert).numel())
-            check_topk(topk_idx, topk_weights, num_tokens, num_experts)
-            check_positive_int("expert_alignment", expert_alignment)
-            topk_idx = topk_idx.contiguous()
-            per_rank, _, per_expert, in_rank = kernels.dispatch_layout(topk_idx, num_experts, self.group_size,
-                                                                       self.ranks_per_node)
-            if is_token_in_rank is not None and not torch.equal(check_tensor("is_token_in_rank", is_token_in_rank), in_rank):
-                raise ValueError("is_token_in_rank does not match topk_idx (pass get_dispatch_layout's output for "
-                                 "this topk_idx)")
-            if num_tokens_per_rank is not None and not torch.equal(
-                    check_tensor("num_tokens_per_rank", num_tokens_per_rank).to(per_rank.device, per_rank.dtype),
-                    per_rank):
-                raise ValueError("num_tokens_per_rank does not match topk_idx")
-            if num_tokens_per_expert is not None and not torch.equal(
-                    check_tensor("num_tokens_per_expert", num_tokens_per_expert).to(per_expert.device, per_expert.dtype),
-                    per_expert):
-                raise ValueError("num_tokens_per_expert does not match topk_idx")
-        except _INPUT_ERRORS as err:
-            error = err
+        per_rank = in_rank = None
+        if error is None:
+            try:
+                num_experts, topk_idx, per_rank, in_rank = self._checked_layout(
+                    parts[0].shape[0], topk_idx, topk_weights, num_experts, num_tokens_per_expert, num_tokens_per_rank,
+                    is_token_in_rank, expert_alignment)
+            except _INPUT_ERRORS as err:
+                error = err
         # Everyone exchanges counts (and error flags): rank r learns how many rows each peer sends.
         # In flat mode the send buffers are packed while the counts travel (packing needs none).
-        send_counts = torch.zeros((self.group_size, 1), dtype=torch.int64, device=self._count_device)
-        if error is None:
-            send_counts[:, 0] = per_rank.to(send_counts.device)
-        counts_arrived = exchange_counts(send_counts, self.group, error, "dispatch", async_op=True)
+        counts_arrived = transfer.start_count_exchange(per_rank, self.group, self._count_device, error)
         packed = None
         if error is None and self._node is None:
             experts_per_rank = num_experts // self.group_size
             weights = (topk_weights.contiguous() if topk_weights is not None
                        else torch.zeros(topk_idx.shape, dtype=torch.float32, device=topk_idx.device))
             send_splits = tuple(per_rank.tolist())
-            packed = self._pack(parts, in_rank, send_splits, topk_idx, weights, experts_per_rank)
+            packed = transfer.pack(parts, in_rank, send_splits, topk_idx, weights, experts_per_rank)
         try:
             recv_counts = counts_arrived()
         except BaseException:  # another rank's bad input (CollectiveInputError) or a backend error
@@ -246,9 +204,10 @@ class Buffer:
         if self._node is not None:
             return self._node.dispatch(x, parts, topk_idx, topk_weights, num_experts, in_rank, expert_alignment,
                                        async_finish)
-        recv_splits = tuple(recv_counts[:, 0].tolist())
-        recv_parts, event, send_pos = self._move(parts, in_rank, send_splits, recv_splits, topk_idx, weights,
-                                                 experts_per_rank, async_finish, wait_side=True, packed=packed)
+        recv_splits = tuple(recv_counts.tolist())
+        recv_parts, event, send_pos = transfer.move(parts, in_rank, send_splits, recv_splits, topk_idx, weights,
+                                                    experts_per_rank, async_finish, self.group, wait_side=True,
+                                                    packed=packed)
         handle = DispatchHandle(self._owner, self.group_size, parts[0].shape[0], sum(recv_splits), in_rank, send_pos,
                                 send_splits, recv_splits)
         recv_x = self._form(x, recv_parts[: len(parts)])
@@ -260,98 +219,37 @@ class Buffer:
         counts_list = [-(-c // align) * align for c in per_expert_recv.tolist()]
         return recv_x, recv_idx, (recv_w if topk_weights is not None else None), counts_list, handle, event
 
-    @staticmethod
-    def _pack(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
-              topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None, experts_per_rank: int,
-              expert_base: int = 0) -> _Packed:
-        """The send side of ``_move``: local work only (it needs no count from a peer), so the
-        dispatch runs it while its count exchange is in flight."""
-        device = parts[0].device
-        s = sum(send_splits)
-        send_pos = kernels.send_positions(in_rank)
-        side, k = parts[1:], (topk_idx.shape[1] if topk_idx is not None else None)
-        side_width = kernels.row_bytes(side, k or 0)
-        send_side = None
-        if side_width:
-            send_side = torch.empty((s, side_width), dtype=torch.uint8, device=device)
-            kernels.pack_into(send_side, side, send_pos, topk_idx, topk_weights, experts_per_rank, expert_base)
-        main = parts[0]
-        width = main.shape[1] * main.element_size()
-        send_bytes, release = memory.scratch(s * width, device)
-        send_main = send_bytes.view(s, width)
-        kernels.pack_into(send_main, [main], send_pos)
-        return _Packed(send_pos, send_side, k, send_main, release)
+    def _checked_layout(self, num_tokens: int, topk_idx: object, topk_weights: object, num_experts: object,
+                        num_tokens_per_expert: object, num_tokens_per_rank: object, is_token_in_rank: object,
+                        expert_alignment: object) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A dispatch's routing arguments, checked, and its layout computed from topk_idx. Layout
+        tensors the caller passed (get_dispatch_layout's outputs) must match it: they are checked,
+        never trusted, since a wrong count would size a receive buffer wrongly on a peer.
 
-    def _move(self, parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
-              recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
-              experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None = None,
-              expert_base: int = 0, wait_side: bool = False, packed: _Packed | None = None,
-              guarded: bool = False):
-        """Sends row t of every part to each rank r with in_rank[t, r]; what arrives is ordered by
-        source rank, then source row.
-
-        Two all-to-alls run concurrently: first the small side message (parts[1:], e.g. FP8 scales,
-        and with topk_idx the top-k made local to each receiver, packed into rows and unpacked on
-        arrival), then parts[0], packed into a pooled send buffer and received straight into the
-        tensor returned. With ``wait_side`` the side message has arrived when this returns (the
-        caller needs the received top-k now); the main payload completes at the event. ``packed``:
-        the send side, already packed by ``_pack`` with the same arguments. ``guarded``: the
-        exchanges carry the error agreement (comm/guarded.py); a peer's bad input raises at the
-        event (not with ``wait_side``).
-
-        Returns (received parts [+ recv_topk_idx, recv_topk_weights], event, send_pos [T, R])."""
-        group = self.group if group is None else group
-        if packed is None:
-            packed = self._pack(parts, in_rank, send_splits, topk_idx, topk_weights, experts_per_rank, expert_base)
-        device = parts[0].device
-        n = sum(recv_splits)
-        works: list = []
-
-        side, k = parts[1:], packed.k
-        side_outs = [torch.empty((n, p.shape[1]), dtype=p.dtype, device=device) for p in side]
-        if k is not None:
-            side_outs += [torch.empty((n, k), dtype=torch.int64, device=device),
-                          torch.empty((n, k), dtype=torch.float32, device=device)]
-        side_ex = None
-        if packed.send_side is not None:
-            recv_side = torch.empty((n, packed.send_side.shape[1]), dtype=torch.uint8, device=device)
-            side_ex = Exchange(recv_side, packed.send_side, recv_splits, send_splits)
-        main = parts[0]
-        recv_main = memory.output((n, main.shape[1]), main.dtype, device)
-        main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits)
-        check = None
-        if guarded:
-            header_work, (side_work, main_work), check = launch_guarded([side_ex, main_ex], group, "dispatch",
-                                                                        self._count_device)
-            works.append(header_work)
-        else:
-            side_work = None if side_ex is None else side_ex.launch(group)
-            main_work = main_ex.launch(group)
-        works.append(main_work)
-
-        def unpack_side() -> None:
-            kernels.unpack_into(recv_side, side_outs)
-
-        if side_work is not None and wait_side:
-            side_work.wait()
-            unpack_side()
-        elif side_work is not None:
-            works.append(side_work)
-
-        def finish() -> None:
-            try:
-                if check is not None:
-                    check()
-                if side_work is not None and not wait_side:
-                    unpack_side()
-            finally:
-                packed.release()  # the main exchange has finished reading the send buffer
-
-        event = EventOverlap(works, [finish])
-        if not async_finish:
-            event.current_stream_wait()
-            event = EventOverlap()
-        return [recv_main, *side_outs], event, packed.send_pos
+        Returns (num_experts, topk_idx (contiguous), num_tokens_per_rank [R] int32,
+        is_token_in_rank [T, R] bool)."""
+        if num_experts is None and num_tokens_per_expert is None:
+            raise ValueError("dispatch without a handle needs num_tokens_per_expert (from get_dispatch_layout) "
+                             "or num_experts")
+        num_experts = self._check_num_experts(num_experts if num_experts is not None
+                                              else check_tensor("num_tokens_per_expert", num_tokens_per_expert).numel())
+        check_topk(topk_idx, topk_weights, num_tokens, num_experts)
+        check_positive_int("expert_alignment", expert_alignment)
+        topk_idx = topk_idx.contiguous()
+        per_rank, _, per_expert, in_rank = kernels.dispatch_layout(topk_idx, num_experts, self.group_size,
+                                                                   self.ranks_per_node)
+        if is_token_in_rank is not None and not torch.equal(check_tensor("is_token_in_rank", is_token_in_rank), in_rank):
+            raise ValueError("is_token_in_rank does not match topk_idx (pass get_dispatch_layout's output for "
+                             "this topk_idx)")
+        if num_tokens_per_rank is not None and not torch.equal(
+                check_tensor("num_tokens_per_rank", num_tokens_per_rank).to(per_rank.device, per_rank.dtype),
+                per_rank):
+            raise ValueError("num_tokens_per_rank does not match topk_idx")
+        if num_tokens_per_expert is not None and not torch.equal(
+                check_tensor("num_tokens_per_expert", num_tokens_per_expert).to(per_expert.device, per_expert.dtype),
+                per_expert):
+            raise ValueError("num_tokens_per_expert does not match topk_idx")
+        return num_experts, topk_idx, per_rank, in_rank
 
     @staticmethod
     def _form(x: object, parts: list[torch.Tensor]):
@@ -427,52 +325,6 @@ class Buffer:
             self._agree(error, "combine", async_finish)
             return self._node.combine(x, handle, topk_weights, async_finish)
         guarded = self._guard(error, "combine", 2)  # the rows and the top-k weights
-        return self._send_back([x, topk_weights], handle.send_pos, handle.send_splits, handle.recv_splits,
-                               handle.num_tokens, self.group, async_finish, guarded, self._count_device)
-
-    @staticmethod
-    def _send_back(tensors, send_pos, send_splits, recv_splits, num_tokens, group, async_finish,
-                   guarded: bool = False, count_device: torch.device | None = None):
-        """The reverse exchange of each tensor in ``tensors`` (None stays None), all launched
-        together, and the per-token sum of the rows that come back (FP32; FP64 for float64).
-        The rows are sent straight from the tensors (already in the exchange's order); they come
-        back into pooled buffers. ``guarded``: the exchanges carry the error agreement
-        (comm/guarded.py); a peer's bad input raises CollectiveInputError at the event.
-        Returns (*sums, event)."""
-        exchanges, reduces, releases, results = [], [], [], []
-        s = sum(send_splits)
-        for t in tensors:
-            if t is None:
-                exchanges.append(None)
-                results.append(None)
-                continue
-            t = t.contiguous()
-            back_bytes, release = memory.scratch(s * t.shape[1] * t.element_size(), t.device)
-            back = back_bytes.view(t.dtype).view(s, t.shape[1])
-            exchanges.append(Exchange(back, t, send_splits, recv_splits))
-            out = memory.output((num_tokens, t.shape[1]), t.dtype, t.device)
-            reduces.append(functools.partial(kernels.combine_reduce_into, back, send_pos, out))
-            releases.append(release)
-            results.append(out)
-        check = None
-        if guarded:
-            header_work, works, check = launch_guarded(exchanges, group, "combine", count_device)
-            works = [header_work, *works]
-        else:
-            works = [ex.launch(group) for ex in exchanges if ex is not None]
-
-        def finish() -> None:
-            try:
-                if check is not None:
-                    check()
-                for reduce in reduces:
-                    reduce()
-            finally:
-                for release in releases:
-                    release()
-
-        event = EventOverlap(works, [finish])
-        if not async_finish:
-            event.current_stream_wait()
-            event = EventOverlap()
-        return (*results, event)
+        return transfer.send_back([x, topk_weights], handle.send_pos, handle.send_splits, handle.recv_splits,
+                                  handle.num_tokens, self.group, async_finish, guarded=guarded,
+                                  count_device=self._count_device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from comm import transfer
 from comm.events import EventOverlap
 from comm.layout import DispatchHandle
 
@@ -77,9 +78,9 @@ class NodeLimited:
         s1_send = in_node.sum(0)
         s1_recv = self._counts(s1_send.to(torch.int64), self.cross)
         token_ids = torch.arange(t, dtype=torch.int64, device=device).unsqueeze(1)
-        recv1, _, pos1 = b._move([*parts, topk_idx, weights.contiguous(), token_ids], in_node,
-                                 tuple(s1_send.tolist()), tuple(s1_recv.tolist()), None, None, 1, False,
-                                 group=self.cross)
+        recv1, _, pos1 = transfer.move([*parts, topk_idx, weights.contiguous(), token_ids], in_node,
+                                       tuple(s1_send.tolist()), tuple(s1_recv.tolist()), None, None, 1, False,
+                                       group=self.cross)
         *parts1, idx1, w1, tok1 = recv1
         n1 = idx1.shape[0]
         src_rank1 = (torch.repeat_interleave(torch.arange(nodes, device=device), s1_recv) * p + self.local)
@@ -100,8 +101,8 @@ class NodeLimited:
         recv_counts = self._counts(expert_counts, self.intra)
         s2_send, s2_recv = tuple(in_rank2.sum(0).tolist()), tuple(recv_counts[:, 0].tolist())
         counts_list = [-(-c // alignment) * alignment for c in recv_counts[:, 1:].sum(0).tolist()]
-        recv2, event, pos2 = b._move([*parts1, src_rank1.unsqueeze(1), tok1], in_rank2, s2_send, s2_recv,
-                                     idx1, w1, epr, async_finish, group=self.intra, expert_base=first)
+        recv2, event, pos2 = transfer.move([*parts1, src_rank1.unsqueeze(1), tok1], in_rank2, s2_send, s2_recv,
+                                           idx1, w1, epr, async_finish, group=self.intra, expert_base=first)
         *parts2, src2, tok2, idx2, w2 = recv2
         n2 = idx2.shape[0]
         order = torch.empty(n2, dtype=torch.int64, device=device)
@@ -123,10 +124,10 @@ class NodeLimited:
 
     def dispatch_with_handle(self, x, parts, handle, async_finish):
         b, nh = self.buffer, handle.node
-        recv1, _, _ = b._move(parts, nh.cross.in_rank, nh.cross.send_splits, nh.cross.recv_splits, None, None, 1,
-                              False, group=self.cross)
-        recv2, event, _ = b._move(recv1, nh.intra.in_rank, nh.intra.send_splits, nh.intra.recv_splits, None, None,
-                                  1, async_finish, group=self.intra)
+        recv1, _, _ = transfer.move(parts, nh.cross.in_rank, nh.cross.send_splits, nh.cross.recv_splits, None, None,
+                                    1, False, group=self.cross)
+        recv2, event, _ = transfer.move(recv1, nh.intra.in_rank, nh.intra.send_splits, nh.intra.recv_splits, None,
+                                        None, 1, async_finish, group=self.intra)
         outs = [torch.empty_like(q) for q in recv2]
 
         def reorder() -> None:
@@ -137,7 +138,7 @@ class NodeLimited:
         return b._form(x, outs), None, None, None, None, (event if async_finish else EventOverlap())
 
     def combine(self, x, handle, topk_weights, async_finish):
-        b, nh = self.buffer, handle.node
+        nh = handle.node
         tensors = []
         for t in (x, topk_weights):
             if t is None:
@@ -147,8 +148,8 @@ class NodeLimited:
             unordered[nh.order] = t  # back to stage-2 arrival order
             tensors.append(unordered)
         s = nh.intra
-        *partials, _ = b._send_back(tensors, s.send_pos, s.send_splits, s.recv_splits, nh.num_forwarded, self.intra,
-                                    False)
+        *partials, _ = transfer.send_back(tensors, s.send_pos, s.send_splits, s.recv_splits, nh.num_forwarded,
+                                          self.intra, False)
         s = nh.cross
-        return b._send_back(partials, s.send_pos, s.send_splits, s.recv_splits, handle.num_tokens, self.cross,
-                            async_finish)
+        return transfer.send_back(partials, s.send_pos, s.send_splits, s.recv_splits, handle.num_tokens, self.cross,
+                                  async_finish)
