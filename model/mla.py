@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.attention import causal_mla_attention
 from model.layers import RMSNorm, make_linear
 from model.precision import bf16_matmul_upcast, sdpa
 from model.rope import apply_rotary_emb
@@ -21,6 +22,18 @@ def _pad_v(x: torch.Tensor) -> bool:
     1.6x faster in float32, but 3.5x slower in native bfloat16 (no AVX-512-BF16/AMX); bfloat16
     that attends in FP32 (model.precision) pads like float32."""
     return x.is_cuda or x.dtype != torch.bfloat16 or bf16_matmul_upcast(x.device)
+
+
+def _chunked_attention(x: torch.Tensor) -> bool:
+    """Whether the training form attends with model.attention (query chunks, shared rope key)
+    rather than scaled_dot_product_attention: on CPUs whenever attention runs in float32 or
+    float64 (which BF16 does on CPUs without BF16 matmul hardware, model.precision). Measured
+    on this Zen 3 CPU (one debug-preset layer, S=512, 2 threads): forward+backward 49 ms against
+    99 ms for the flash kernel with padded v (fastest of 9). CUDA keeps SDPA's fused kernels; BF16 on
+    CPUs with AMX/AVX512-BF16 keeps SDPA's BF16 flash kernel."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype in (torch.float32, torch.float64) or (x.dtype == torch.bfloat16 and bf16_matmul_upcast(x.device))
 
 
 @dataclass
@@ -91,6 +104,9 @@ class MLA(nn.Module):
         kv, k_pe = self._latent(x, freqs_cis)
         kv = self.wkv_b(kv).view(bsz, seqlen, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if _chunked_attention(x):  # [B, S, H, Dv]
+            out = causal_mla_attention(q_nope, q_pe, k_nope, k_pe, v, self.softmax_scale)
+            return self.wo(out.flatten(2))
         q = torch.cat([q_nope, q_pe], dim=-1)  # [B, S, H, Dqk]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         pad = self.qk_head_dim - self.v_head_dim if _pad_v(x) else 0
