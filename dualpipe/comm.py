@@ -17,25 +17,32 @@ during a step, nothing else may exchange tag-0 P2P messages between two ranks of
 seen (per key and chunk count), then a *payload message* (every tensor packed at ALIGN offsets)
 follows. Both sides then remember the shapes, and from the next step on the first message is
 header + payloads in ONE message of a size both know; if the shapes changed, it says RESHAPE and a
-payload message follows. A receiver therefore reads each first message before it posts anything
-further from that peer (it decides whether a payload message comes next and its size).
+payload message follows. Where a payload message goes, and so when the receiver must have read
+the header that announces it, is fixed by the plan (below).
 
 **Rounds of groups (NCCL).** An NCCL receive or send blocks its stream until matched, and batched
 P2P runs on ONE stream per rank (the communicator of the whole group), so a receive posted alone
 ahead of a send its peer waits for deadlocks, and so do two ranks whose lone sends wait for each
 other's receives. So nothing is posted alone and nothing from a thread: every transfer is assigned
 a *round* (``executor.transfer_rounds``: the time its data is produced in a unit-cost run of the
-schedule, the same on every rank), and in each round every rank posts ONE group
-(``torch.distributed.batch_isend_irecv``: an NCCL group on NCCL, separate non-blocking ops on gloo)
-holding exactly that round's first messages, sends and receives; it reads the round's headers (when
-one is consumed, or before the next round), then posts the round's payload messages (a header
-decides whether one follows) as one more group. Every rank posts its rounds in the same global
-order, and a round's groups match each other exactly, so round by round every group completes: no
-deadlock, whatever the timing. A rank posts, before each action, the rounds up to the one holding
-its previous action's sends (sent while this action computes) and this action's inputs (and so any
-receive produced earlier in the unit-cost run: posted early). The price: a rank reads a round's
-headers before it posts its next round, so a send can wait behind a receive of an earlier round (on
-gloo too, which needs none of this; one protocol for both keeps the tests exercising the NCCL one).
+schedule, the same clock on every rank), and in each round every rank posts ONE group
+(``torch.distributed.batch_isend_irecv``: an NCCL group on NCCL; on gloo, which does not group,
+separate non-blocking ops posted straight on the process group)
+holding exactly that round's first messages, sends and receives. A payload message goes in a
+*payload group* at the transfer's *payload slot*: the clock time of the last round its receiver
+posts before the action that consumes it (sender and receiver compute it alike). Every rank posts
+its groups in clock order (a round, then the payload group of the same time) and matching groups
+hold each other's messages exactly, so time by time every group completes: no deadlock, whatever
+the timing. A rank posts, before each action, the rounds up to the one holding its previous
+action's sends (sent while this action computes) and this action's inputs (and so any receive
+produced earlier in the unit-cost run: posted early). It reads a header when the transfer is
+consumed (a payload group whose headers have all landed goes out at once, so senders' payloads
+are not held back), and at the latest before it posts a round of a later clock time, which comes
+after the consuming action: so a rank never waits for a header before it needs the data, and with
+cached shapes (no payload groups) posting a round never waits at all. (The previous rule, payloads
+right after their own round, made a rank read every header of a round before posting the next one,
+so its sends waited behind receives meant for later actions: the rounds ran in lock-step.) One
+protocol on gloo too, which needs none of this, keeps the tests exercising the NCCL one.
 ``tests/dualpipe/test_nccl_model.py`` records the groups of real runs (every schedule, chunk
 counts, first/cached/reshaped/inference steps) and checks them with a model of NCCL's semantics
 (each rank runs its groups in order on one stream; a group completes when each op has its match, by
@@ -49,7 +56,10 @@ fp8, ...); headers too, so both sides always agree on dtype and element count.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,10 +110,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _pad(n: int) -> int:
@@ -120,17 +127,23 @@ def combined_size(metas: Sequence[TensorMeta | None]) -> int:
 
 
 def encode_header(tensors: Sequence[torch.Tensor | None], status: int = STATUS_OK) -> torch.Tensor:
-    """[status, n, then per entry: dtype code (-1 for None), requires_grad, ndim, dims...]."""
+    """[status, n, then per entry: dtype code (-1 for None), requires_grad, ndim, dims...] (int64
+    [HEADER_LEN]; shared between calls with the same shapes: read it, never write it)."""
     if len(tensors) > MAX_TENSORS:
         raise ValueError(f"a stage passes at most {MAX_TENSORS} tensors to the next, got {len(tensors)}")
-    h = [status, len(tensors)]
     for t in tensors:
-        if t is None:
-            h.append(-1)
-            continue
-        if t.dtype not in _DTYPE_CODE:
+        if t is not None and t.dtype not in _DTYPE_CODE:
             raise TypeError(f"cannot send a tensor of dtype {t.dtype} between pipeline stages")
-        h += [_DTYPE_CODE[t.dtype], int(t.requires_grad), t.dim(), *t.shape]
+    return header_of(tuple(metas_of(tensors)), status)
+
+
+@functools.lru_cache(maxsize=1024)
+def header_of(metas: tuple[TensorMeta | None, ...], status: int = STATUS_OK) -> torch.Tensor:
+    """``encode_header`` from the tensors' metas (cached: a pipeline sends the same shapes every
+    step, and the receiver compares a header with the one it expects instead of decoding it)."""
+    h = [status, len(metas)]
+    for m in metas:
+        h += [-1] if m is None else [_DTYPE_CODE[m.dtype], int(m.requires_grad), len(m.shape), *m.shape]
     if len(h) > HEADER_LEN:
         raise ValueError(f"too many dimensions in the tensors passed between stages (header of {len(h)} > {HEADER_LEN})")
     return torch.tensor(h + [0] * (HEADER_LEN - len(h)), dtype=torch.int64)
@@ -215,15 +228,23 @@ class _Group:
     def done(self) -> bool:
         return all(self.waited)
 
+    def ready(self, index: int) -> bool:
+        """Whether op ``index`` (gloo: that op alone; NCCL: the whole group) is done, without waiting."""
+        if len(self.works) == self.num_ops:
+            return self.waited[index] or self.works[index].is_completed()
+        return all(self.waited) or all(w.is_completed() for w in self.works)
+
 
 @dataclass
 class _Recv:
-    """One expected transfer, filled in when its round is posted and read."""
+    """One expected transfer, filled in when its round is posted and its header read."""
 
     src: int
     cached: list[TensorMeta | None] | None = None  # shapes from the last step (the first message's size)
     first: torch.Tensor | None = None
     first_op: tuple[_Group, int] | None = None
+    read: bool = False  # header read: metas (and views or owed) are known
+    owed: bool = False  # a payload message follows, in the transfer's payload slot
     metas: list[TensorMeta | None] = field(default_factory=list)
     views: list[torch.Tensor | None] = field(default_factory=list)
     payload: torch.Tensor | None = None  # the separate payload message, when there is one
@@ -234,14 +255,27 @@ class _Recv:
 Round = tuple[list[tuple[Key, int]], list[tuple[Key, int]]]  # (sends (key, dst), receives (key, src))
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """One rank's P2P plan for a step (``executor.transfer_rounds``): its ``rounds`` in the global
+    order and their ``times`` on the unit-cost clock (the same clock on every rank), how many
+    rounds to have posted before each action (``post_before``), and each transfer's payload
+    ``slots`` (a clock time, the same on sender and receiver)."""
+
+    rounds: list[Round]
+    times: list[float]
+    post_before: list[int]
+    slots: dict[Key, float]
+
+
 class P2P:
     """The transfers of one pipeline step on one rank, matched by order, posted in rounds.
 
     ``peers[p]`` is the global rank of pipeline rank ``p``. ``incoming[p]``: the transfers
     pipeline rank ``p`` sends to this rank, in the order ``p`` sends them; ``outgoing``: this
     rank's sends ``(key, destination)`` in the order it makes them (``send`` checks each against
-    it, so a schedule that breaks the plan fails loudly instead of mismatching). ``rounds``: this
-    rank's rounds in the global order (``executor.transfer_rounds``). The executor calls
+    it, so a schedule that breaks the plan fails loudly instead of mismatching). ``plan``: this
+    rank's rounds and payload slots (``executor.transfer_rounds``). The executor calls
     ``post(n)`` before each action (posts this rank's first n rounds), ``recv``/``send``, then
     ``finish``. ``log``, if given, gets every posted group as a list of ``(op, peer pipeline
     rank, bytes)``, op "send" or "recv" (for the NCCL model check).
@@ -249,22 +283,36 @@ class P2P:
 
     def __init__(self, group: dist.ProcessGroup | None, peers: Sequence[int], device: torch.device,
                  num_chunks: int, incoming: dict[int, list[Key]], outgoing: list[tuple[Key, int]],
-                 rounds: Sequence[Round], cache: dict | None = None, log: list | None = None):
+                 plan: RoundPlan, cache: dict | None = None, log: list | None = None):
         self.group, self.peers, self.device, self.num_chunks = group, list(peers), device, num_chunks
+        # On gloo (no grouping: each op is its own work) ops go straight to the process group, by
+        # group rank; other backends (NCCL) post each group with batch_isend_irecv.
+        self.group_ranks = None
+        if isinstance(group, dist.ProcessGroup) and dist.get_backend(group) == "gloo":
+            self.group_ranks = [dist.get_group_rank(group, g) for g in self.peers]
         # Shapes of each transfer in the previous step, identical on sender and receiver: when a
         # transfer repeats them it is ONE message of a size both know (see the module docstring).
         self.cache: dict = cache if cache is not None else {}
         self.incoming = {p: list(keys) for p, keys in incoming.items() if keys}
         self.outgoing = list(outgoing)
-        self.rounds = list(rounds)
+        self.rounds, self.times = list(plan.rounds), list(plan.times)
         self.num_sent = 0
         self.num_posted = 0
         self.recvs: dict[Key, _Recv] = {k: _Recv(p) for p, keys in self.incoming.items() for k in keys}
         self.round_of = {k: i for i, (_, rs) in enumerate(self.rounds) for k, _ in rs}
+        self.slot_of = {k: plan.slots[k] for sends, recvs in self.rounds for k, _ in (*sends, *recvs)}
+        # Payload groups in clock order: (slot, sends in send order, receives in each sender's order).
+        by_slot: dict[float, Round] = {}
+        for key, dst in self.outgoing:
+            by_slot.setdefault(self.slot_of[key], ([], []))[0].append((key, dst))
+        for src in sorted(self.incoming):
+            for key in self.incoming[src]:
+                by_slot.setdefault(self.slot_of[key], ([], []))[1].append((key, src))
+        self.payload_slots = [(t, *by_slot[t]) for t in sorted(by_slot)]
+        self.num_payloads_posted = 0
         self.consumed: set[Key] = set()
         self.out: dict[Key, tuple[torch.Tensor, torch.Tensor | None]] = {}  # (first message, payload message)
         self.in_flight: list[_Group] = []
-        self.unfinished: int | None = None  # the last posted round, if its headers are not read yet
         self.wait_s = 0.0  # seconds spent waiting in recv (the executor subtracts it from timelines)
         self.log = log
 
@@ -275,9 +323,15 @@ class P2P:
     def _group(self, ops: list[tuple[str, int, torch.Tensor]]) -> _Group | None:
         if not ops:
             return None
-        p2p_ops = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, buf, self.peers[peer], self.group, TAG)
-                   for kind, peer, buf in ops]
-        g = _Group(list(dist.batch_isend_irecv(p2p_ops)), len(ops), [buf for _, _, buf in ops])
+        if self.group_ranks is not None:  # gloo: what batch_isend_irecv does there, minus its per-op checks
+            pg, ranks = self.group, self.group_ranks
+            works = [pg.send([buf], ranks[peer], TAG) if kind == "send" else pg.recv([buf], ranks[peer], TAG)
+                     for kind, peer, buf in ops]
+        else:
+            works = list(dist.batch_isend_irecv([
+                dist.P2POp(dist.isend if kind == "send" else dist.irecv, buf, self.peers[peer], self.group, TAG)
+                for kind, peer, buf in ops]))
+        g = _Group(works, len(ops), [buf for _, _, buf in ops])
         self.in_flight.append(g)
         if self.log is not None:
             self.log.append([(kind, peer, buf.numel()) for kind, peer, buf in ops])
@@ -285,9 +339,8 @@ class P2P:
 
     def _post_round(self, index: int) -> None:
         """One group with the round's first messages (sends in this rank's send order, receives
-        in each sender's order). Its headers are read, and its payload group posted, lazily by
-        ``_finish_round``: when a transfer of it is consumed, or before the next round."""
-        self._finish_round()
+        in each sender's order), after every payload group of an earlier clock time."""
+        self._post_payloads(self.times[index], before=True)
         sends, recvs = self.rounds[index]
         ops: list[tuple[str, int, torch.Tensor]] = []
         for key, dst in sends:
@@ -305,50 +358,75 @@ class P2P:
         for i, (key, _) in enumerate(recvs):
             assert g is not None
             self.recvs[key].first_op = (g, len(sends) + i)
-        self.unfinished = index
 
-    def _finish_round(self) -> None:
-        """Reads the last posted round's headers, then posts its payload messages as one group
-        (before any later round, on every rank: the payload groups match like the rounds)."""
-        if self.unfinished is None:
-            return
-        sends, recvs = self.rounds[self.unfinished]
-        self.unfinished = None
-        payload_ops: list[tuple[str, int, torch.Tensor]] = []
-        for key, dst in sends:
-            payload = self.out.pop(key)[1]
-            if payload is not None:
-                payload_ops.append(("send", dst, payload))
-        owed = [key for key, _ in recvs if self._read(key)]
-        for key in owed:
-            r = self.recvs[key]
-            r.payload = torch.empty(combined_size(r.metas) - HEADER_BYTES, dtype=torch.uint8, device=self.device)
-            payload_ops.append(("recv", r.src, r.payload))
-        g = self._group(payload_ops)
-        for i, key in enumerate(owed):
-            assert g is not None
-            self.recvs[key].payload_op = (g, len(payload_ops) - len(owed) + i)
+    def _post_payloads(self, upto: float, before: bool = False, block: bool = True) -> None:
+        """Posts, in clock order, the payload groups of slots up to ``upto`` (strictly before it
+        with ``before``), each after every round of its time or earlier. A group holds the slot's
+        payload messages (a header decides whether one follows), so the slot's headers are read
+        first; ``block=False`` stops at the first group whose headers have not all landed."""
+        while self.num_payloads_posted < len(self.payload_slots):
+            t, sends, recvs = self.payload_slots[self.num_payloads_posted]
+            if t > upto or (before and t == upto):
+                return
+            if self.num_posted < len(self.rounds) and self.times[self.num_posted] <= t:
+                return  # a round of this time or earlier is not posted yet (it goes first)
+            if not block and not all(self._landed(key) for key, _ in recvs):
+                return
+            self.num_payloads_posted += 1
+            ops: list[tuple[str, int, torch.Tensor]] = []
+            for key, dst in sends:
+                if key not in self.out:
+                    raise RuntimeError(f"P2P transfer {key} to pipeline rank {dst} has its payload slot at {t} but "
+                                       "was not sent yet (the executor and transfer_rounds disagree)")
+                payload = self.out.pop(key)[1]
+                if payload is not None:
+                    ops.append(("send", dst, payload))
+            owed = [key for key, _ in recvs if self._read(key)]
+            for key in owed:
+                r = self.recvs[key]
+                r.payload = torch.empty(combined_size(r.metas) - HEADER_BYTES, dtype=torch.uint8, device=self.device)
+                ops.append(("recv", r.src, r.payload))
+            g = self._group(ops)
+            for i, key in enumerate(owed):
+                assert g is not None
+                self.recvs[key].payload_op = (g, len(ops) - len(owed) + i)
 
     def post(self, num_rounds: int) -> None:
-        """Posts this rank's rounds up to ``num_rounds`` (in order; each once)."""
-        while self.num_posted < min(num_rounds, len(self.rounds)):
+        """Posts this rank's rounds up to ``num_rounds`` (in order; each once), then the payload
+        groups due by then whose headers have already landed (so senders' payloads go early)."""
+        target = min(num_rounds, len(self.rounds))
+        while self.num_posted < target:
+            self._post_round(self.num_posted)
             self.num_posted += 1
-            self._post_round(self.num_posted - 1)
+        if self.num_posted:
+            self._post_payloads(self.times[self.num_posted - 1], block=False)
 
     def _wait(self, op: tuple[_Group, int]) -> None:
         t0 = time.perf_counter()
         op[0].wait(op[1])
         self.wait_s += time.perf_counter() - t0
 
-    def _read(self, key: Key) -> bool:
-        """Reads a first message's header; True if a payload message follows."""
+    def _landed(self, key: Key) -> bool:
+        """Whether ``key``'s first message can be read without waiting."""
         r = self.recvs[key]
+        return r.read or (r.first_op is not None and r.first_op[0].ready(r.first_op[1]))
+
+    def _read(self, key: Key) -> bool:
+        """Reads a first message's header (once; waits for it); True if a payload message follows."""
+        r = self.recvs[key]
+        if r.read:
+            return r.owed
         assert r.first_op is not None and r.first is not None
         self._wait(r.first_op)
+        r.read = True
         # After wait() (which on NCCL orders the current stream after the receive), a blocking
         # copy to the host: the header is read only once it has landed.
         header = r.first[:HEADER_BYTES].view(torch.int64)
         header = header.cpu() if header.device.type != "cpu" else header
+        if r.cached is not None and torch.equal(header, header_of(tuple(r.cached))):  # the steady state
+            r.metas = list(r.cached)
+            r.views = _views(r.first, HEADER_BYTES, r.metas)
+            return False
         try:
             r.metas = decode_header(header, r.src)
         except (PeerAbort, RuntimeError) as e:  # an abort (or garbage): recv() raises it
@@ -356,27 +434,29 @@ class P2P:
             return False
         if r.cached is not None and int(header[0]) == STATUS_OK:  # the payloads came in the same message
             r.views = _views(r.first, HEADER_BYTES, r.metas)
-            return False
-        if combined_size(r.metas) > HEADER_BYTES:
-            return True
-        r.views = [None] * len(r.metas)  # nothing but Nones (or empty tensors)
-        return False
+        elif combined_size(r.metas) > HEADER_BYTES:
+            r.owed = True
+        else:
+            r.views = [None] * len(r.metas)  # nothing but Nones (or empty tensors)
+        return r.owed
 
     def recv(self, key: Key) -> list[torch.Tensor | None]:
         """Waits for a transfer; returns its tensors (requires_grad as the sender's)."""
         if key in self.consumed:
             raise RuntimeError(f"P2P transfer {key} received twice")
         self.post(self.round_of[key] + 1)  # normally posted already (executor.transfer_rounds)
-        if self.unfinished == self.round_of[key]:
-            self._finish_round()
         self.consumed.add(key)
         r = self.recvs[key]
-        if r.error is not None:
-            raise r.error
-        if r.payload_op is not None:
-            assert r.payload is not None
+        if self._read(key):
+            if r.payload_op is None:  # post the rounds and payload groups through its slot
+                slot = self.slot_of[key]
+                self.post(bisect.bisect_right(self.times, slot))
+                self._post_payloads(slot)
+            assert r.payload_op is not None and r.payload is not None
             self._wait(r.payload_op)
             r.views = _views(r.payload, 0, r.metas)
+        if r.error is not None:
+            raise r.error
         _check_hints(r.metas, r.src)
         self.cache[self._ckey(key)] = r.metas
         out: list[torch.Tensor | None] = []
@@ -406,7 +486,7 @@ class P2P:
         payloads = [None if t is None else t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
         if cached is not None and cached == metas:  # the receiver expects exactly this one message
             buf = torch.empty(combined_size(metas), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors))
+            buf[:HEADER_BYTES].view(torch.int64).copy_(header_of(tuple(metas)))
             _pack(buf, HEADER_BYTES, payloads)
             self.out[key] = (buf, None)
             return
@@ -448,9 +528,10 @@ class P2P:
         self.finish()
 
     def finish(self) -> None:
-        """Posts the rounds still due (the last sends), then waits for every group."""
+        """Posts the rounds and payload groups still due (the last sends), then waits for every
+        group."""
         self.post(len(self.rounds))
-        self._finish_round()
+        self._post_payloads(float("inf"))
         for g in self.in_flight:
             g.wait()
         self.in_flight.clear()

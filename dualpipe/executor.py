@@ -2,12 +2,12 @@
 
 Per step: ``transfer_plan`` lists, from the schedule alone, what this rank sends (in order) and
 what each peer sends it (in that peer's order); ``P2P`` posts receives strictly in those orders
-(NCCL's matching rule); ``transfer_rounds`` puts every transfer in a round, the same on every
-rank. Before each action the rank posts its rounds (one group each, see ``dualpipe.comm``) up to
-the one holding its previous action's sends (so they run while this action computes) and this
-action's inputs. The action then waits only for the transfers it consumes, packs its results for
-their round, and frees a sent output's storage (the send holds a packed copy; autograd keeps only
-the graph).
+(NCCL's matching rule); ``transfer_rounds`` puts every transfer in a round and gives it a
+payload slot, the same on every rank. Before each action the rank posts its rounds (one group
+each, see ``dualpipe.comm``) up to the one holding its previous action's sends (so they run while
+this action computes) and this action's inputs. The action then waits only for the transfers
+it consumes, packs its results for their round, and frees a sent output's storage (the send holds
+a packed copy; autograd keeps only the graph).
 
 Errors: a rank that fails sends an abort for every transfer it still owes, drains what it was
 going to receive, and re-raises; its peers get the abort instead of data, do the same, and every
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dualpipe.comm import ACT, GRAD, P2P, Key, Round
+from dualpipe.comm import ACT, GRAD, P2P, Key, Round, RoundPlan
 from dualpipe.schedules import Action, Schedule
 from dualpipe.simulator import TimelineEvent
 from dualpipe.weight_grad import WeightGradStore
@@ -105,15 +105,10 @@ def transfer_plan(schedule: Schedule, rank: int, training: bool) -> tuple[dict[i
 _UNIT_COST = {"F": 1.0, "B": 2.0, "W": 1.0, "FB": 3.0}
 
 
-def transfer_rounds(schedule: Schedule, rank: int, training: bool) -> tuple[list[Round], list[int]]:
-    """``(rounds, post_before)`` of ``rank``: the P2P rounds it takes part in, in the global order,
-    and per action how many of them to have posted before it runs (see ``dualpipe.comm``).
-
-    A transfer's round is the time its data is produced when the schedule runs with unit costs
-    (F 1, B 2, split B 1, W 1, F&B 3, free transfers): a clock every rank computes alike. Before
-    action i a rank posts its rounds up to the later of its previous action's sends and action
-    i's inputs; no send of action i or later is due by then (its data comes later on that clock).
-    """
+def _unit_clock(schedule: Schedule, training: bool) -> tuple[list[list[Action]], dict[Key, float]]:
+    """Every rank's actions and the time each transfer's data is produced when the schedule runs
+    with unit costs (F 1, B 2, split B 1, W 1, F&B 3, free transfers): a clock every rank computes
+    alike, which orders the rounds."""
     acts = [step_actions(schedule, r, training) for r in range(schedule.num_ranks)]
     last = schedule.num_stages - 1
     produced: dict[Key, float] = {}
@@ -137,28 +132,58 @@ def transfer_rounds(schedule: Schedule, rank: int, training: bool) -> tuple[list
                 moved = True
     if any(len(e) < len(a) for e, a in zip(ends, acts, strict=True)):
         raise RuntimeError(f"{schedule.name}: the actions' data dependencies form a cycle")
+    return acts, produced
+
+
+def _rank_rounds(schedule: Schedule, rank: int, training: bool, acts: list[list[Action]],
+                 produced: dict[Key, float]) -> tuple[list[Round], list[float], list[int], dict[Key, int]]:
+    """``rank``'s rounds (in clock order), their clock times, ``post_before`` and, per transfer it
+    receives, the index of the action that consumes it."""
+    last = schedule.num_stages - 1
     incoming, outgoing = transfer_plan(schedule, rank, training)
     times = sorted({produced[k] for k, _ in outgoing} | {produced[k] for keys in incoming.values() for k in keys})
     index = {t: i for i, t in enumerate(times)}
-    per: dict[int, Round] = {}
+    rounds: list[Round] = [([], []) for _ in times]
     for k, dst in outgoing:
-        per.setdefault(index[produced[k]], ([], []))[0].append((k, dst))
+        rounds[index[produced[k]]][0].append((k, dst))
     for src in sorted(incoming):
         for k in incoming[src]:
-            per.setdefault(index[produced[k]], ([], []))[1].append((k, src))
-    order = sorted(per)
-    rounds = [per[i] for i in order]
-    position = {i: n for n, i in enumerate(order)}
-    round_of = {k: position[index[produced[k]]] for r in rounds for k, _ in (*r[0], *r[1])}
+            rounds[index[produced[k]]][1].append((k, src))
+    round_of = {k: index[produced[k]] for r in rounds for k, _ in (*r[0], *r[1])}
     post_before, upto = [], 0
     prev_sends: list[Key] = []
-    for a in acts[rank]:
+    consumer: dict[Key, int] = {}
+    for i, a in enumerate(acts[rank]):
         ins, outs = _halves(schedule, a, last)
         due = [round_of[k] + 1 for k in (*prev_sends, *ins) if k in round_of]
         upto = max([upto, *due])
         post_before.append(upto)
         prev_sends = outs
-    return rounds, post_before
+        consumer.update((k, i) for k in ins if k in round_of)
+    return rounds, [float(t) for t in times], post_before, consumer
+
+
+def transfer_rounds(schedule: Schedule, rank: int, training: bool) -> RoundPlan:
+    """``rank``'s P2P rounds, in the global order, and when to post them (see ``dualpipe.comm``).
+
+    A transfer's round is the time its data is produced on the unit-cost clock (``_unit_clock``).
+    Before action i a rank posts its rounds up to the later of its previous action's sends and
+    action i's inputs (``post_before[i]`` of them); no send of action i or later is due by then
+    (its data comes later on that clock). A transfer's payload slot is the clock time of the last
+    round its receiver posts before the action that consumes it: the receiver needs the
+    transfer's header only by then, so it never waits for a header before that action runs.
+    """
+    acts, produced = _unit_clock(schedule, training)
+    rounds, times, post_before, consumer = _rank_rounds(schedule, rank, training, acts, produced)
+    slots: dict[Key, float] = {}
+    for key, _ in (r for _, recvs in rounds for r in recvs):
+        slots[key] = times[post_before[consumer[key]] - 1]
+    for dst in sorted({dst for sends, _ in rounds for _, dst in sends}):
+        _, d_times, d_post, d_consumer = _rank_rounds(schedule, dst, training, acts, produced)
+        for key, to in (s for sends, _ in rounds for s in sends):
+            if to == dst:
+                slots[key] = d_times[d_post[d_consumer[key]] - 1]
+    return RoundPlan(rounds, times, post_before, slots)
 
 
 def _halves(schedule: Schedule, a: Action, last: int) -> tuple[list[Key], list[Key]]:

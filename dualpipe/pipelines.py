@@ -111,13 +111,13 @@ class Pipeline(nn.Module):
         plan_key = (sched.num_chunks, training)
         if plan_key not in self._plans:
             self._plans[plan_key] = (*transfer_plan(sched, self.rank, training),
-                                     *transfer_rounds(sched, self.rank, training))
-        incoming, outgoing, rounds, post_before = self._plans[plan_key]
+                                     transfer_rounds(sched, self.rank, training))
+        incoming, outgoing, plan = self._plans[plan_key]
         groups: list | None = [] if self.record_p2p else None
-        p2p = P2P(self.group, self.peers, self.device, sched.num_chunks, incoming, outgoing, rounds,
+        p2p = P2P(self.group, self.peers, self.device, sched.num_chunks, incoming, outgoing, plan,
                   self._p2p_cache, groups)
         ex = Executor(sched, self.rank, list(self.module), p2p, data, overlap=self.overlap,
-                      record=self.record_timeline, post_before=post_before)
+                      record=self.record_timeline, post_before=plan.post_before)
         try:
             ex.run()
         except Exception as e:

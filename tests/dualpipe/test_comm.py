@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dualpipe import dualpipe_schedule, dualpipev_schedule, one_f_one_b_schedule, zb1p_schedule
-from dualpipe.comm import ACT, GRAD, P2P
+from dualpipe.comm import ACT, GRAD, P2P, RoundPlan
 from dualpipe.executor import step_actions, transfer_plan
 
 SCHEDULES = [
@@ -58,7 +58,8 @@ def test_plan_pairs_every_send_with_one_receive_in_sender_order(fn, ranks: int, 
 
 def test_send_out_of_the_planned_order_is_refused_before_any_message() -> None:
     plan = [((ACT, 1, 0), 1), ((ACT, 1, 1), 1)]
-    p2p = P2P(None, [0, 1], torch.device("cpu"), 2, {}, plan, [])
+    rounds = RoundPlan([(plan, [])], [1.0], [], {key: 1.0 for key, _ in plan})
+    p2p = P2P(None, [0, 1], torch.device("cpu"), 2, {}, plan, rounds)
     with pytest.raises(RuntimeError, match="out of the planned order"):
         p2p.send((ACT, 1, 1), 1, [torch.randn(2)])
     assert p2p.out == {}

@@ -7,7 +7,9 @@ Runs cover DualPipe (2, 4, 6, 8 ranks), DualPipeV (1-4), 1F1B and ZB1P, several 
 and per case four steps: shapes learned (header
 then payload), cached (one message per transfer), reshaped (a bigger batch: some transfers
 RESHAPE, others stay cached) and inference. Gradients of the three training steps are checked
-against the float64 sequential reference too.
+against the float64 sequential reference too. Without processes, the groups ``transfer_rounds``
+plans (steady state, and a first step with its payload groups at their slots) pass the model for
+many more rank and chunk counts, and payload slots the two sides disagree on are caught.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 
 import ops
 from dualpipe import ZB1P, DualPipe, DualPipeV, OneFOneB, sum_mirror_grads
-from dualpipe.comm import ACT, GRAD, HEADER_BYTES
-from dualpipe.executor import transfer_plan
+from dualpipe.comm import ACT, GRAD, HEADER_BYTES, P2P, RoundPlan
+from dualpipe.executor import step_actions, transfer_plan, transfer_rounds
 from dualpipe.schedules import dualpipe_schedule, dualpipev_schedule, one_f_one_b_schedule, zb1p_schedule
 from tests.dualpipe.nccl_model import Deadlock, Mismatch, check_groups
 from tests.dualpipe.stages import DIM, HookStage, Stage, criterion, make_stages, reference
@@ -176,25 +178,70 @@ PLAN_SCHEDULES = [(dualpipe_schedule, w, c) for w in (2, 4, 6, 8) for c in (2 * 
     [(f, w, c) for f in (one_f_one_b_schedule, zb1p_schedule) for w in (2, 3, 4, 8) for c in (w, 2 * w + 1)]
 
 
+def _size(key: tuple[int, int, int]) -> int:
+    """A size distinct per transfer (stages < 32), so a pair's messages in the wrong order mismatch."""
+    kind, st, c = key
+    return 1 + kind + 2 * st + 64 * c
+
+
+def _planned_groups(sched, training: bool, first_step: bool, old_receiver_slots: bool = False):
+    """Every rank's groups in P2P's posting order, from the plan alone: rounds and payload groups
+    merged by clock time (a round before the payload group of its time). Steady state: one
+    message per transfer, no payload groups; first step: a header per transfer, its payload in
+    its slot's group. ``old_receiver_slots``: receivers put a payload in its first message's
+    round time instead (the previous protocol), senders do not: the model must catch that."""
+    out = []
+    for r in range(sched.num_ranks):
+        incoming, outgoing = transfer_plan(sched, r, training)
+        plan = transfer_rounds(sched, r, training)
+        first = (lambda k: HEADER_BYTES) if first_step else _size
+        seq = [((t, 0), [("send", d, first(k)) for k, d in sends] + [("recv", s, first(k)) for k, s in recvs])
+               for t, (sends, recvs) in zip(plan.times, plan.rounds, strict=True)]
+        if first_step:
+            if old_receiver_slots:
+                time_of = {k: t for t, (_, recvs) in zip(plan.times, plan.rounds, strict=True) for k, _ in recvs}
+                plan = RoundPlan(plan.rounds, plan.times, plan.post_before, {**plan.slots, **time_of})
+            p2p = P2P(None, list(range(sched.num_ranks)), torch.device("cpu"), sched.num_chunks, incoming, outgoing,
+                      plan)
+            seq += [((t, 1), [("send", d, _size(k)) for k, d in sends] + [("recv", s, _size(k)) for k, s in recvs])
+                    for t, sends, recvs in p2p.payload_slots]
+        out.append([ops for _, ops in sorted(seq, key=lambda e: e[0]) if ops])
+    return out
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fn,ranks,chunks", PLAN_SCHEDULES)
 def test_transfer_rounds_pass_the_model_and_post_inputs_in_time(fn, ranks: int, chunks: int, training: bool) -> None:
-    """Steady-state groups (one message per transfer) straight from ``transfer_rounds``, for more
-    rank and chunk counts than the recorded runs; and each action's inputs are posted before it."""
-    from dualpipe.executor import step_actions, transfer_rounds
-
+    """Groups straight from ``transfer_rounds`` (steady state, and a first step with header and
+    payload messages), for more rank and chunk counts than the recorded runs; each action's
+    inputs are posted before it, and no payload group posted before an action reads the header
+    of a transfer that a later action consumes (so a rank never waits for a header early)."""
     sched = fn(ranks, chunks)
-    groups = []
     for r in range(ranks):
-        rounds, post_before = transfer_rounds(sched, r, training)
-        groups.append([[("send", dst, 1) for _, dst in sends] + [("recv", src, 1) for _, src in recvs]
-                       for sends, recvs in rounds])
+        plan = transfer_rounds(sched, r, training)
+        rounds, post_before = plan.rounds, plan.post_before
         assert post_before == sorted(post_before) and post_before[-1] <= len(rounds)
+        assert plan.times == sorted(set(plan.times))
         round_of = {k: i for i, (_, recvs) in enumerate(rounds) for k, _ in recvs}
+        consumer = {}
         incoming, _ = transfer_plan(sched, r, training)
         remote = {k for keys in incoming.values() for k in keys}
-        for a, n in zip(step_actions(sched, r, training), post_before, strict=True):
+        for i, (a, n) in enumerate(zip(step_actions(sched, r, training), post_before, strict=True)):
             keys = {"F": [(ACT, a.stage, a.chunk)], "B": [(GRAD, a.stage, a.chunk)], "W": [],
                     "FB": [(ACT, a.stage, a.chunk), (GRAD, *(a.bwd or (0, 0)))]}[a.kind]
             assert all(round_of[k] < n for k in keys if k in remote), (r, str(a))
-    check_groups(groups)
+            consumer.update((k, i) for k in keys if k in remote)
+        for k in remote:  # a payload slot lies between the transfer's round and its consumer
+            assert plan.times[round_of[k]] <= plan.slots[k] <= plan.times[post_before[consumer[k]] - 1], (r, k)
+        for i, n in enumerate(post_before):  # P2P.post(n) posts payload groups of slots before round n-1's time
+            early = [k for k in remote if n > 0 and plan.slots[k] < plan.times[n - 1]]
+            assert all(consumer[k] < i for k in early), (r, i)
+    check_groups(_planned_groups(sched, training, first_step=False))
+    check_groups(_planned_groups(sched, training, first_step=True))
+
+
+@pytest.mark.parametrize("fn,ranks,chunks", [(dualpipev_schedule, 4, 8), (dualpipe_schedule, 4, 8),
+                                             (zb1p_schedule, 4, 9)])
+def test_model_rejects_payload_slots_the_two_sides_disagree_on(fn, ranks: int, chunks: int) -> None:
+    with pytest.raises((Deadlock, Mismatch)):
+        check_groups(_planned_groups(fn(ranks, chunks), True, first_step=True, old_receiver_slots=True))

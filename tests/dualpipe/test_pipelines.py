@@ -288,3 +288,35 @@ def tied_worker(rank: int, world: int, seed: int) -> float:
 def test_sum_mirror_grads_counts_a_tied_parameter_once(world: int) -> None:
     for rank, d in enumerate(run_distributed(tied_worker, world, _seed(), timeout=60)):
         assert d < TOL, f"rank {rank}: calc_diff {d}"
+
+
+def subgroup_worker(rank: int, world: int, seed: int, chunks: int, batch: int) -> float:
+    """Two DualPipeV pipelines at once on sub-groups {0, 2} and {1, 3}; the second maps its group
+    ranks to pipeline ranks in reverse (global rank 3 feeds the inputs). P2P is addressed by
+    group rank while the pipeline knows global ranks: a wrong conversion mismatches or hangs."""
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    mine = rank % 2
+    mapping = [0, 1] if mine == 0 else [1, 0]
+    prank = mapping[dist.get_rank(groups[mine])]
+    stages = make_stages(seed + mine, 4, Stage)
+    pipe = DualPipeV((stages[prank], stages[3 - prank]), process_group=groups[mine], rank_mapping=mapping)
+    assert pipe.rank == prank
+    all_x, all_y = [], []
+    for step in range(2):  # the second step takes the cached-shape path
+        x, y = _data(seed + 7 * mine + 101 * step, batch)
+        if prank == 0:
+            pipe.step(x, num_chunks=chunks, criterion=criterion, labels=(y,))
+        else:
+            pipe.step(num_chunks=chunks)
+        all_x += list(torch.tensor_split(x, chunks))
+        all_y += list(torch.tensor_split(y, chunks))
+    _, ref = reference(stages, all_x, all_y)
+    return _worst([*zip(_grads(stages[prank]), ref[prank], strict=True),
+                   *zip(_grads(stages[3 - prank]), ref[3 - prank], strict=True)])
+
+
+def test_dualpipev_on_sub_groups_with_a_rank_mapping() -> None:
+    res = run_distributed(subgroup_worker, 4, int(torch.randint(0, 2**30, ()).item()), 5, 11, timeout=90)
+    assert max(res) < TOL, res
