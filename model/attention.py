@@ -85,16 +85,17 @@ class _ChunkedCausalAttention(torch.autograd.Function):
                     lse[b, :, s0:e] = m.squeeze(-1)
                     p = p.sub_(m).exp_()
                 out[b, s0:e] = torch.bmm(p, v[b, :e].transpose(0, 1)).transpose(0, 1)  # [c, H, Dv]
-        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, *([lse] if lse is not None else []))
-        ctx.probs, ctx.scale, ctx.chunk = probs, scale, chunk
+        # saved through autograd (not on ctx) so a retained graph can run backward again
+        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, out, *(probs if save_probs else [lse]))
+        ctx.save_probs, ctx.scale, ctx.chunk = save_probs, scale, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        q_nope, q_pe, k_nope, k_pe, v, out, *maybe_lse = ctx.saved_tensors
-        scale, chunk, probs = ctx.scale, ctx.chunk, ctx.probs
-        ctx.probs = None  # free them as soon as backward is done
+        q_nope, q_pe, k_nope, k_pe, v, out, *saved = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        probs, lse = (saved, None) if ctx.save_probs else (None, saved[0])
         bsz, seqlen, heads, _ = q_nope.shape
         grad_out = grad_out.contiguous()
         delta = (grad_out * out).sum(-1)  # [B, S, H]: rowsum(dO * O) = rowsum(P * dP)
@@ -117,7 +118,7 @@ class _ChunkedCausalAttention(torch.autograd.Function):
                     qp = q_pe[b, s0:e].transpose(0, 1).reshape(heads * c, -1)
                 else:
                     p, qp = _scores(q_nope, q_pe, k_nope, k_pe, b, s0, e, scale, upper)
-                    p = p.sub_(maybe_lse[0][b, :, s0:e].unsqueeze(-1)).exp_()
+                    p = p.sub_(lse[b, :, s0:e].unsqueeze(-1)).exp_()
                 i += 1
                 go = grad_out[b, s0:e].transpose(0, 1)  # [H, c, Dv]
                 ds = torch.bmm(go, v[b, :e].permute(1, 2, 0))  # dP [H, c, e]

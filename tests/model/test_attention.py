@@ -119,6 +119,20 @@ def test_saving_probabilities_follows_the_budget(monkeypatch: pytest.MonkeyPatch
         assert calc_diff(a, b) < 1e-14
 
 
+@pytest.mark.parametrize("save_probs", [True, False])
+def test_a_retained_graph_runs_backward_twice(save_probs: bool) -> None:
+    """What backward needs is saved through autograd, not consumed: a second backward over a
+    retained graph gives the same gradients again (accumulated: twice the first)."""
+    leaves = _inputs(2, 19, torch.float64)
+    out = attention.causal_mla_attention(*_split(*leaves), 0.3, chunk=8, save_probs=save_probs)
+    grad = randn(*out.shape, dtype=torch.float64)
+    out.backward(grad, retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    out.backward(grad)
+    for t, g in zip(leaves, first, strict=True):
+        assert calc_diff(t.grad, 2 * g) < 1e-14
+
+
 def test_bad_inputs_raise_naming_the_argument() -> None:
     q_nope, q_pe, k_nope, k_pe, v = (t.detach() for t in _split(*_inputs(1, 8, torch.float32)))
     with pytest.raises(ValueError, match="k_pe"):
