@@ -51,5 +51,8 @@ def test_node_limited_equals_flat(world: int, ranks_per_node: int) -> None:
     tokens = tuple(random.randint(0, 300) for _ in range(world))
     case = Case(random.getrandbits(40), tokens, random.choice([1, 100]), random.randint(1, 9), random.randint(1, 4),
                 random.choice([1, 4]))
+    # The node mode rounds each node's FP32 partial sum to x's dtype before it crosses nodes (as
+    # DeepEP's internode combine does: half the cross-node bytes), so its result carries two BF16
+    # roundings against the flat mode's one: twice the flat bound (5.6e-6 was seen, flat 2.5e-6).
     for rank, d in enumerate(run_distributed(node_vs_flat, world, case, ranks_per_node, random.random() < 0.5)):
-        assert d["flat"] < 5e-6 and d["node"] < 5e-6, (rank, d)
+        assert d["flat"] < 5e-6 and d["node"] < 1e-5, (rank, d)
