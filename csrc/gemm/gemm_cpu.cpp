@@ -205,10 +205,14 @@ void run_gemv(const GemmArgs& g, const KernelSet& ks) {
 
   // 2. Groups of kGemvRows B rows, each decoded once per kGemvMr rows of A. A task is a whole
   // number of kGemvTaskCols-column units of d (32 bf16 outputs are 64 bytes: where d's rows are
-  // 64-byte aligned, two threads never write one cache line of d) and streams >= 64 KiB of B.
+  // 64-byte aligned, two threads never write one cache line of d) and streams >= 64 KiB of B,
+  // unless that leaves fewer than 4 tasks per thread (small N on many threads, e.g. N = 576):
+  // then tasks are finer (each output is written once, so a shared line costs one miss).
   const int64_t groups = cdiv(g.n, kGemvRows);
   constexpr int64_t kGemvTaskCols = 32 * kGemvRows;  // a multiple of 32 columns and of kGemvRows
-  const int64_t per_task = kGemvTaskCols / kGemvRows * cdiv(65536, kGemvTaskCols * g.k);  // groups per task
+  int64_t per_task = kGemvTaskCols / kGemvRows * cdiv(65536, kGemvTaskCols * g.k);  // groups per task
+  const int64_t min_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
+  if (cdiv(groups, per_task) < min_tasks) per_task = std::max<int64_t>(1, cdiv(groups, min_tasks));
   parallel_tasks(cdiv(groups, per_task), 0, [&](int64_t task, float*) {
     float out[kGemvMr * kGemvRows];
     const uint8_t* brow[kGemvRows];
