@@ -171,7 +171,7 @@ class Buffer:
             if self._node is not None:
                 self._agree(error, "dispatch", async_finish)
                 return self._node.dispatch_with_handle(x, parts, handle, async_finish)
-            guarded = self._guard(error, "dispatch", 2)  # the side and main exchanges of transfer.move
+            guarded = self._guard(error, "dispatch", transfer.MOVE_EXCHANGES)
             recv_parts, event, _ = transfer.move(parts, handle.is_token_in_rank, handle.send_splits,
                                                  handle.recv_splits, None, None, 1, async_finish, self.group,
                                                  guarded=guarded, count_device=self._count_device)
@@ -324,7 +324,8 @@ class Buffer:
         if self._node is not None:
             self._agree(error, "combine", async_finish)
             return self._node.combine(x, handle, topk_weights, async_finish)
-        guarded = self._guard(error, "combine", 2)  # the rows and the top-k weights
-        return transfer.send_back([x, topk_weights], handle.send_pos, handle.send_splits, handle.recv_splits,
+        sent_back = [x, topk_weights]  # one exchange each (None: launched as absent)
+        guarded = self._guard(error, "combine", len(sent_back))
+        return transfer.send_back(sent_back, handle.send_pos, handle.send_splits, handle.recv_splits,
                                   handle.num_tokens, self.group, async_finish, guarded=guarded,
                                   count_device=self._count_device)

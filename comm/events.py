@@ -53,8 +53,11 @@ class EventOverlap:
             raise
 
     def then(self, fn: Callable[[], None]) -> EventOverlap:
-        """Adds a finishing step (runs now if the event has already finished)."""
+        """Adds a finishing step (runs now if the event has already finished; an event that
+        failed raises its error again rather than run ``fn`` on garbage outputs)."""
         if self._done:
+            if self._error is not None:
+                raise self._error
             fn()
         else:
             self._finish.append(fn)

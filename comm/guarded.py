@@ -34,7 +34,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from comm.primitives import CollectiveInputError, launch_all_to_all
+from comm.primitives import launch_all_to_all, raise_if_flagged
 
 __all__ = ["Exchange", "fail_guarded", "launch_guarded"]
 
@@ -83,10 +83,7 @@ def launch_guarded(
     works = [None if ex is None else ex.launch(group) for ex in exchanges]
 
     def check() -> None:
-        bad = [r for r, f in enumerate(recv[:, 0].tolist()) if f]
-        if bad:
-            raise CollectiveInputError(f"{what} aborted on every rank: rank(s) {bad} of the group rejected their "
-                                       "input (their exceptions say why)")
+        raise_if_flagged(recv[:, 0].tolist(), None, what)
 
     return header_work, works, check
 

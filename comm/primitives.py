@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveInputError", "agree_no_error", "all_to_all_v", "exchange_counts", "launch_all_to_all"]
+__all__ = ["CollectiveInputError", "agree_no_error", "all_to_all_v", "exchange_counts", "launch_all_to_all", "raise_if_flagged"]
 
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -25,7 +25,9 @@ class CollectiveInputError(RuntimeError):
     """Another rank of the group rejected its input, so this rank stops too."""
 
 
-def _raise_if_flagged(flags: list[int], own: BaseException | None, what: str) -> None:
+def raise_if_flagged(flags: list[int], own: BaseException | None, what: str) -> None:
+    """Raises ``own`` (this rank's input error) if given, else CollectiveInputError naming the
+    ranks whose flag in ``flags`` (one per rank) is set."""
     if own is not None:
         raise own
     bad = [r for r, f in enumerate(flags) if f]
@@ -55,7 +57,7 @@ def exchange_counts(
     def arrived() -> torch.Tensor:
         if work is not None:
             work.wait()
-        _raise_if_flagged(recv[:, -1].tolist(), error, what)
+        raise_if_flagged(recv[:, -1].tolist(), error, what)
         return recv[:, :-1]
 
     return arrived if async_op else arrived()
@@ -67,7 +69,7 @@ def agree_no_error(group: dist.ProcessGroup | None, error: BaseException | None,
     flag = torch.full((num_ranks,), 0 if error is None else 1, dtype=torch.int64, device=device)
     flags = torch.empty_like(flag)
     dist.all_to_all_single(flags, flag, group=group)
-    _raise_if_flagged(flags.tolist(), error, what)
+    raise_if_flagged(flags.tolist(), error, what)
 
 
 def launch_all_to_all(

@@ -101,6 +101,11 @@ def pack(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
     return Packed(send_pos, send_side, k, send_main, release)
 
 
+MOVE_EXCHANGES = 2
+"""How many exchanges a ``move`` launches (the top-k side message and the main rows; the side one
+may be None): a rank with bad input must join exactly as many as its peers launch."""
+
+
 def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
          recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
          experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None, *, expert_base: int = 0,
@@ -145,7 +150,8 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
     main = parts[0]
     recv_main = memory.output((n, main.shape[1]), main.dtype, device)
     main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits)
-    works, (side_work, main_work), check = _launch([side_ex, main_ex], group, "dispatch", guarded, count_device)
+    exchanges = [side_ex, main_ex]  # MOVE_EXCHANGES of them
+    works, (side_work, main_work), check = _launch(exchanges, group, "dispatch", guarded, count_device)
     works.append(main_work)
 
     def unpack_side() -> None:

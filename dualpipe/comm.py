@@ -295,12 +295,12 @@ class P2P:
         self.cache: dict = cache if cache is not None else {}
         self.incoming = {p: list(keys) for p, keys in incoming.items() if keys}
         self.outgoing = list(outgoing)
-        self.rounds, self.times = list(plan.rounds), list(plan.times)
+        self.rounds, self.times = plan.rounds, plan.times
         self.num_sent = 0
         self.num_posted = 0
         self.recvs: dict[Key, _Recv] = {k: _Recv(p) for p, keys in self.incoming.items() for k in keys}
         self.round_of = {k: i for i, (_, rs) in enumerate(self.rounds) for k, _ in rs}
-        self.slot_of = {k: plan.slots[k] for sends, recvs in self.rounds for k, _ in (*sends, *recvs)}
+        self.slot_of = plan.slots  # this rank's sends and receives
         # Payload groups in clock order: (slot, sends in send order, receives in each sender's order).
         by_slot: dict[float, Round] = {}
         for key, dst in self.outgoing:

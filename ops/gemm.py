@@ -121,26 +121,31 @@ def _check_k(a_name: str, ka: int, b_name: str, kb: int) -> None:
         raise ValueError(f"K mismatch: {a_name} has K={ka} but {b_name} has K={kb}")
 
 
+_PANEL_COLS = 16
+"""Columns of B per panel of the CPU GEMM's packed layout (its micro-kernel's width)."""
+
+
 @dataclass(frozen=True, eq=False)
 class PackedFP8Weight:
     """An FP8 weight ``(b [N, K], sb)`` with B decoded once for the CPU GEMM
     (``prepack_fp8_weight``); ``fp8_gemm_nt`` accepts it in place of ``(b, sb)``.
 
-    Why: for M > 16 rows the CPU GEMM decodes B into fp32 panels (K-interleaved, 16 columns
+    Why: for M > 16 rows the CPU GEMM decodes B into fp32 panels (K-interleaved, _PANEL_COLS columns
     wide) on every call; for a 7168 x 7168 weight that is about 20 ms of one core, a third of a
     17-row GEMM and a fifth of a 64-row one (the MoE experts' few-token shapes). Packed, the
     panels are made once. The cost is memory: the panels hold 4 bytes per weight element next to
     the FP8 bytes, which the GEMV path (M <= 16) still streams (half the bytes of BF16).
 
     The panels are a snapshot of ``b``: changing ``b`` in place afterwards is detected (torch's
-    version counter) and refused; ``sb`` is read at every call (scales are applied at promotion,
-    never folded into the panels), so it may be updated in place. CPU only.
+    version counter) and refused (inference tensors have no version counter: not checked);
+    ``sb`` is read at every call (scales are applied at promotion, never folded into the panels),
+    so it may be updated in place. CPU only.
     """
 
     b: torch.Tensor
     sb: torch.Tensor
     panels: torch.Tensor = field(repr=False)
-    b_version: int = field(repr=False)
+    b_version: int | None = field(repr=False)  # None for an inference tensor
 
     @property
     def shape(self) -> torch.Size:
@@ -166,11 +171,11 @@ def prepack_fp8_weight(b: tuple[torch.Tensor, torch.Tensor]) -> PackedFP8Weight:
     check_same_device(b=b_, sb=sb)
     if b_.device.type != "cpu":
         raise RuntimeError(f"prepack_fp8_weight packs for the CPU GEMM; b is on {b_.device} (pass (b, sb) on CUDA)")
-    return PackedFP8Weight(b_, sb, native.fp8_prepack_b(b_), b_._version)
+    return PackedFP8Weight(b_, sb, native.fp8_prepack_b(b_), None if b_.is_inference() else b_._version)
 
 
 def _packed_operand(b: PackedFP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
-    if b.b._version != b.b_version:
+    if b.b_version is not None and b.b._version != b.b_version:
         raise RuntimeError("b: the FP8 weight was modified in place after prepack_fp8_weight; pack it again")
     return b.b, b.sb
 
@@ -419,7 +424,7 @@ def _fp8_gemm_nt_out_fake(a, sa, b, sb, c, d) -> None:
 
 @torch.library.register_fake("dsv3::fp8_prepack_b")
 def _fp8_prepack_b_fake(b) -> torch.Tensor:
-    return b.new_empty((_cdiv(b.shape[0], 16), b.shape[1], 16), dtype=torch.float32)
+    return b.new_empty((_cdiv(b.shape[0], _PANEL_COLS), b.shape[1], _PANEL_COLS), dtype=torch.float32)
 
 
 @torch.library.register_fake("dsv3::fp8_gemm_nt_prepacked_out")

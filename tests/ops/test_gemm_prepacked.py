@@ -11,20 +11,11 @@ import ops
 from ops.gemm import PackedFP8Weight, prepack_fp8_weight
 from tests.harness.tensors import poisoned
 from tests.ops.test_gemm import BLOCK, ISA_SHAPES, cdiv, check, lhs, ref_nt, rhs
+from tests.ops.test_gemm import SHAPES as GEMM_SHAPES
 
-# Issue 3's M, N and K values (the large products are in test_gemm.py's slow set), plus the
-# remainder shapes of the CPU kernels' tiles and slabs (ISA_SHAPES).
-SHAPES = [
-    (1, 7168, 576),
-    (7, 112, 100),
-    (64, 2112, 128),
-    (128, 64, 7168),
-    (1000, 1, 576),
-    (1000, 112, 128),
-    (4096, 64, 100),
-    (17, 2112, 7168),
-    *ISA_SHAPES,
-]
+# Issue 3's M, N and K values (test_gemm.py's fast set; its large products are slow there), a
+# 17-row GEMM on a 7168-deep weight, and the remainder shapes of the CPU kernels' tiles and slabs.
+SHAPES = [s for s in GEMM_SHAPES if not hasattr(s, "marks")] + [(17, 2112, 7168), *ISA_SHAPES]
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["block_scales", "row_scales"])
@@ -118,6 +109,18 @@ def test_weight_changed_after_packing_is_refused() -> None:
     b.view(torch.uint8)[0, 0] ^= 1  # an in-place change the panels do not have
     with pytest.raises(RuntimeError, match="modified in place after prepack_fp8_weight"):
         ops.fp8_gemm_nt((a, sa), packed, torch.empty(20, 16))
+
+
+def test_inference_tensors_pack_without_a_version_check() -> None:
+    # loaded weights are often inference tensors, which have no version counter
+    (a, sa) = lhs(20, 256)
+    with torch.inference_mode():
+        b, sb = rhs(16, 256)
+    assert b.is_inference()
+    d, d_ref = torch.empty(20, 16), torch.empty(20, 16)
+    ops.fp8_gemm_nt((a, sa), prepack_fp8_weight((b, sb)), d)
+    ops.fp8_gemm_nt((a, sa), (b, sb), d_ref)
+    assert torch.equal(d, d_ref)
 
 
 def test_bad_prepack_and_packed_uses_raise() -> None:
