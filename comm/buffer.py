@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from comm import kernels, transfer
 from comm.events import EventOverlap, wait_previous
-from comm.guarded import fail_guarded
+from comm.guarded import CallSignature, SignatureField, fail_guarded
 from comm.layout import DispatchHandle, check_topk, new_owner_id
 from comm.primitives import agree_no_error
 from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
@@ -57,6 +57,26 @@ def _payload_parts(x: object) -> list[torch.Tensor]:
     return [x.contiguous()]
 
 
+_SIGNATURE_DTYPES = (*kernels.FLOAT_DTYPES, torch.float8_e4m3fn)
+
+
+def _dispatch_signature(parts: list[torch.Tensor] | None = None, topk_idx: torch.Tensor | None = None,
+                        num_experts: int = 0) -> CallSignature:
+    """What every rank's dispatch must agree on (checked on the count exchange, comm/guarded.py);
+    all zeros for a rank with bad input (its error flag is what its peers read)."""
+    form = dtype = hidden = k = 0
+    if parts:
+        form, dtype, hidden = len(parts) - 1, _SIGNATURE_DTYPES.index(parts[0].dtype), parts[0].shape[1]
+        k = topk_idx.shape[1]
+    return CallSignature("dispatch", (
+        SignatureField("forms of x", form, ("a tensor", "an (x_fp8, scales) pair")),
+        SignatureField("dtypes of x", dtype, tuple(str(d) for d in _SIGNATURE_DTYPES)),
+        SignatureField("hidden sizes (x.shape[1])", hidden),
+        SignatureField("num_experts", num_experts),
+        SignatureField("top-k widths (topk_idx.shape[1])", k),
+    ))
+
+
 class Buffer:
     """Binds a process group for dispatch/combine (DeepEP's ``deep_ep.Buffer`` API).
 
@@ -69,7 +89,9 @@ class Buffer:
             it. None (default) is the flat mode.
         agree_on_errors: make bad input on one rank raise on every rank (instead of leaving the
             others blocked in the collective). A dispatch without a handle carries the error
-            flags in its count exchange; a dispatch with a handle and a combine (flat mode, sync
+            flags in its count exchange, with the arguments the ranks must pass alike (x's
+            form, dtype and hidden size, num_experts, the top-k width: ranks that disagree all
+            raise CollectiveInputError, whatever this flag says); a dispatch with a handle and a combine (flat mode, sync
             or async) carry them in a tiny header all-to-all launched together with the payload
             (comm/guarded.py: no extra round trip); the node-limited mode exchanges the flags
             first in synchronous calls and skips them in async ones. False: no agreement.
@@ -187,7 +209,8 @@ class Buffer:
                 error = err
         # Everyone exchanges counts (and error flags): rank r learns how many rows each peer sends.
         # In flat mode the send buffers are packed while the counts travel (packing needs none).
-        counts_arrived = transfer.start_count_exchange(per_rank, self.group, self._count_device, error)
+        signature = _dispatch_signature(parts, topk_idx, num_experts) if error is None else _dispatch_signature()
+        counts_arrived = transfer.start_count_exchange(per_rank, self.group, self._count_device, error, signature)
         packed = None
         if error is None and self._node is None:
             experts_per_rank = num_experts // self.group_size

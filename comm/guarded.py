@@ -19,9 +19,12 @@ Header row sent to peer p (int64): [error flag, then per exchange j: launched (0
 rank sends p, bytes it expects from p]. The number of exchanges is fixed by the call (e.g. a
 combine has two: the rows and the optional top-k weights), so it is the same on every rank.
 
-What this does not catch (neither did the round trip): ranks that pass locally valid but mutually
-inconsistent arguments (handles from two different dispatches, different hidden sizes); gloo
-aborts the process on such a size mismatch.
+Arguments each rank checks alone cannot show that the ranks disagree (x's dtype, hidden size or
+form, num_experts, the top-k width). A dispatch without a handle makes a round trip anyway (its
+count exchange), so ``CallSignature`` rides on it and every rank raises before any payload moves.
+Not caught: a dispatch with a handle or a combine whose ranks disagree (handles from two
+different dispatches, different hidden sizes): their header travels WITH the payload, and gloo
+aborts the process on a size mismatch before any header could be read.
 """
 
 from __future__ import annotations
@@ -34,9 +37,49 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from comm.primitives import launch_all_to_all, raise_if_flagged
+from comm.primitives import CollectiveInputError, launch_all_to_all, raise_if_flagged
 
-__all__ = ["Exchange", "fail_guarded", "launch_guarded"]
+__all__ = ["CallSignature", "Exchange", "SignatureField", "fail_guarded", "launch_guarded"]
+
+
+@dataclass(frozen=True)
+class SignatureField:
+    """One argument every rank must pass alike, as an int; ``labels[value]`` names a coded value
+    (a dtype, a form) in the error message."""
+
+    name: str
+    value: int
+    labels: tuple[str, ...] | None = None
+
+    def describe(self, value: int) -> str:
+        return self.labels[value] if self.labels is not None and 0 <= value < len(self.labels) else str(value)
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """The arguments of one collective call that must agree across ranks. Two dtypes of one size
+    or two expert counts would give silent garbage, two row sizes a gloo abort: ``check`` turns
+    either into CollectiveInputError on every rank (each rank compares all rows, so if any two
+    differ, every rank sees a row unlike its own)."""
+
+    what: str
+    fields: tuple[SignatureField, ...]
+
+    def values(self) -> list[int]:
+        return [f.value for f in self.fields]
+
+    def check(self, rows: list[list[int]]) -> None:
+        """Raises CollectiveInputError naming the first field whose value differs between ranks
+        (``rows[r]``: rank r's ``values()``)."""
+        for j, field in enumerate(self.fields):
+            seen = [row[j] for row in rows]
+            if len(set(seen)) > 1:
+                ranks_by_value: dict[int, list[int]] = {}
+                for rank, value in enumerate(seen):
+                    ranks_by_value.setdefault(value, []).append(rank)
+                detail = "; ".join(f"{field.describe(v)} on rank(s) {rs}" for v, rs in ranks_by_value.items())
+                raise CollectiveInputError(f"{self.what} aborted on every rank: the ranks passed different "
+                                           f"{field.name}: {detail}")
 
 
 @dataclass(frozen=True)

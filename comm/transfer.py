@@ -4,7 +4,7 @@
 Its three steps, shared by the flat mode and both stages of the node-limited one:
 
 - ``start_count_exchange``: the one small all-to-all of row counts (it also carries every rank's
-  error flag) that tells a dispatch how many rows it will receive.
+  error flag and the call's signature) that tells a dispatch how many rows it will receive.
 - ``pack`` + ``move`` (dispatch): ``pack`` writes the send side (local work only, so the dispatch
   runs it while its counts travel); ``move`` launches two variable-size all-to-alls at once, a
   small "side" message of packed rows (the FP8 scales, and the top-k made local to the receiver)
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from comm import kernels, memory
 from comm.events import EventOverlap
-from comm.guarded import Exchange, launch_guarded
+from comm.guarded import CallSignature, Exchange, launch_guarded
 from comm.primitives import exchange_counts
 
 __all__ = ["Packed", "move", "pack", "send_back", "start_count_exchange"]
@@ -43,20 +43,28 @@ __all__ = ["Packed", "move", "pack", "send_back", "start_count_exchange"]
 
 def start_count_exchange(
     num_tokens_per_rank: torch.Tensor | None, group: dist.ProcessGroup | None, device: torch.device,
-    error: BaseException | None,
+    error: BaseException | None, signature: CallSignature,
 ) -> Callable[[], torch.Tensor]:
     """Launches the all-to-all of the rows each rank sends each peer, with this rank's ``error``
-    flag (``num_tokens_per_rank`` is unused then: a rank with bad input has no counts, yet must
-    take part so that its peers raise instead of blocking).
+    flag and the call's ``signature`` (``num_tokens_per_rank`` is unused with an error: a rank
+    with bad input has no counts, yet must take part so that its peers raise instead of
+    blocking).
 
     Returns a function that waits and returns the rows received from each rank ([R] int64 on
-    ``device``), or raises on every rank if any rank passed an error. Local work placed between
-    the two calls overlaps the round trip."""
-    send = torch.zeros((dist.get_world_size(group), 1), dtype=torch.int64, device=device)
+    ``device``), or raises on every rank if any rank passed an error or the ranks' signatures
+    differ. Local work placed between the two calls overlaps the round trip."""
+    send = torch.zeros((dist.get_world_size(group), 1 + len(signature.fields)), dtype=torch.int64)
     if error is None:
-        send[:, 0] = num_tokens_per_rank.to(device)
-    arrived = exchange_counts(send, group, error, "dispatch", async_op=True)
-    return lambda: arrived()[:, 0]
+        send[:, 0] = num_tokens_per_rank.cpu()
+        send[:, 1:] = torch.tensor(signature.values(), dtype=torch.int64)
+    arrived = exchange_counts(send.to(device), group, error, signature.what, async_op=True)
+
+    def counts() -> torch.Tensor:
+        recv = arrived()
+        signature.check(recv[:, 1:].tolist())
+        return recv[:, 0]
+
+    return counts
 
 
 @dataclass
@@ -128,7 +136,8 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
             top-k now); the main payload completes at the event.
         packed: the send side, already packed by ``pack`` with the same arguments.
         guarded: the exchanges carry the error agreement (comm/guarded.py), its header on
-            ``count_device``; a peer's bad input raises at the event (not with ``wait_side``).
+            ``count_device`` (default: the payload's device); a peer's bad input raises at the
+            event (not with ``wait_side``).
 
     Returns:
         (received parts [+ recv_topk_idx [N, k] int64, recv_topk_weights [N, k] float32], event,
@@ -151,7 +160,7 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
     recv_main = memory.output((n, main.shape[1]), main.dtype, device)
     main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits)
     exchanges = [side_ex, main_ex]  # MOVE_EXCHANGES of them
-    works, (side_work, main_work), check = _launch(exchanges, group, "dispatch", guarded, count_device)
+    works, (side_work, main_work), check = _launch(exchanges, group, "dispatch", guarded, count_device or device)
     works.append(main_work)
 
     def unpack_side() -> None:
@@ -181,7 +190,8 @@ def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, se
     into pooled buffers. ``send_pos`` and the splits are the forward ``move``'s, as seen from the
     forward sender (so ``send_splits`` here are the rows it sent, now received back).
     ``guarded``: the exchanges carry the error agreement (comm/guarded.py), its header on
-    ``count_device``; a peer's bad input raises CollectiveInputError at the event.
+    ``count_device`` (default: the first tensor's device); a peer's bad input raises
+    CollectiveInputError at the event.
 
     Returns:
         (*sums [num_tokens, *] in each tensor's dtype (or None), event)."""
@@ -200,13 +210,14 @@ def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, se
         reduces.append(functools.partial(kernels.combine_reduce_into, back, send_pos, out))
         releases.append(release)
         results.append(out)
-    works, exchange_works, check = _launch(exchanges, group, "combine", guarded, count_device)
+    device = next(t.device for t in tensors if t is not None)
+    works, exchange_works, check = _launch(exchanges, group, "combine", guarded, count_device or device)
     event = _complete([*works, *exchange_works], check, reduces, releases, async_finish)
     return (*results, event)
 
 
 def _launch(exchanges: Sequence[Exchange | None], group: dist.ProcessGroup | None, what: str, guarded: bool,
-            count_device: torch.device | None,
+            count_device: torch.device,
             ) -> tuple[list[dist.Work], list[dist.Work | None], Callable[[], None] | None]:
     """Starts every exchange that is not None, in order, asynchronously; with ``guarded`` behind
     the error-agreement header (comm/guarded.py).
@@ -222,21 +233,12 @@ def _launch(exchanges: Sequence[Exchange | None], group: dist.ProcessGroup | Non
 def _complete(works: list[dist.Work | None], check: Callable[[], None] | None, steps: list[Callable[[], None]],
               releases: list[Callable[[], None]], async_finish: bool) -> EventOverlap:
     """The event of launched exchanges. After its works: ``check`` (a peer's bad input raises),
-    then ``steps`` (unpacking, reduction), and in every case ``releases``, which hand pooled
-    buffers back only once no exchange touches them. Without ``async_finish`` it waits now and
-    returns an already-finished event."""
-
-    def finish() -> None:
-        try:
-            if check is not None:
-                check()
-            for step in steps:
-                step()
-        finally:
-            for release in releases:
-                release()
-
-    event = EventOverlap(works, [finish])
+    then ``steps`` (unpacking, reduction), and in every case, also when a wait or a step raised,
+    ``releases``, which hand pooled buffers back once every exchange has finished (EventOverlap
+    runs them exactly once). Without ``async_finish`` it waits now and returns an
+    already-finished event."""
+    finish = ([check] if check is not None else []) + steps
+    event = EventOverlap(works, finish, releases)
     if not async_finish:
         event.current_stream_wait()
         event = EventOverlap()

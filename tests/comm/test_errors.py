@@ -128,3 +128,49 @@ def test_bad_input_on_one_rank_raises_everywhere_without_a_round_trip(world: int
         kind, msg = out["dispatch_handle_fp8"]
         assert (kind == "ValueError" and "scales" in msg) if mine else kind == collective, (rank, out)
         assert out["after"] is True, (rank, out)
+
+
+def disagreeing_dispatch(rank: int, world: int, odd: int) -> dict:
+    """Rank ``odd`` passes arguments that are valid on their own but differ from its peers'."""
+    import ops
+
+    buf = all_to_all.Buffer(agree_on_errors=False)  # the signature check does not depend on it
+    E, T, H = 2 * world, 17 + rank, 160
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    idx = torch.randint(-1, E, (T, 3))
+    mine = rank == odd
+    cases = {
+        "dtype": lambda: buf.dispatch(x.half() if mine else x, topk_idx=idx, num_experts=E),
+        "hidden": lambda: buf.dispatch(x[:, :128] if mine else x, topk_idx=idx, num_experts=E),
+        "form": lambda: buf.dispatch(ops.per_token_cast_to_fp8(x) if mine else x, topk_idx=idx, num_experts=E),
+        "num_experts": lambda: buf.dispatch(x, topk_idx=idx, num_experts=2 * E if mine else E),
+        "topk": lambda: buf.dispatch(x, topk_idx=idx[:, :2] if mine else idx, num_experts=E),
+    }
+    out = {name: _outcome(case) for name, case in cases.items()}
+    # The group still works: each token comes back once from every rank it reached (exact sums).
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=E)
+    reached = buf.get_dispatch_layout(idx, E)[3].sum(1, keepdim=True)
+    want = (x.float() * reached).bfloat16()
+    out["after"] = torch.equal(buf.combine(recv_x, handle)[0], want)
+    # The guarded transfer puts its header on the payload's device when none is named.
+    from comm import transfer
+
+    got, _, _ = transfer.send_back([recv_x, None], handle.send_pos, handle.send_splits, handle.recv_splits,
+                                   handle.num_tokens, None, False, guarded=True)
+    out["after"] &= torch.equal(got, want)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_ranks_that_disagree_on_dispatch_arguments_all_raise(world: int) -> None:
+    odd = world // 2
+    results = run_distributed(disagreeing_dispatch, world, odd, timeout=180)
+    words = {"dtype": ("dtypes of x", "torch.float16", "torch.bfloat16"), "hidden": ("hidden sizes", "128", "160"),
+             "form": ("forms of x", "an (x_fp8, scales) pair", "a tensor"),
+             "num_experts": ("num_experts", str(4 * world), str(2 * world)), "topk": ("top-k widths", "2", "3")}
+    for rank, out in enumerate(results):
+        for case, (field, odd_value, usual) in words.items():
+            kind, msg = out[case]
+            assert kind == CollectiveInputError.__name__, (rank, case, out[case])
+            assert field in msg and f"{odd_value} on rank(s) [{odd}]" in msg and usual in msg, (rank, case, msg)
+        assert out["after"] is True
