@@ -4,7 +4,10 @@ On the CPU (gloo, MPI) it holds torch.distributed work handles, which complete i
 own threads; on CUDA (NCCL) the same handles make the current stream wait on the communication
 stream. Either way the call has returned before the data arrived. Waiting runs the call's
 finishing steps (unpacking received rows, the FP32 reduction of a combine) exactly once, after
-which the tensors the call returned hold their values.
+which the tensors the call returned hold their values, and then hands the call's pooled scratch
+buffers back (comm/memory.py), exactly once, also when a wait or a step raised: a failed
+exchange (a dead peer, a timeout, a peer's bad input) must not keep pool slots busy for the rest
+of the process.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ class EventOverlap:
     body (work to overlap) and waits on exit.
     """
 
-    def __init__(self, works: Sequence[dist.Work | None] = (), finish: Sequence[Callable[[], None]] = ()):
+    def __init__(self, works: Sequence[dist.Work | None] = (), finish: Sequence[Callable[[], None]] = (),
+                 releases: Sequence[Callable[[], None]] = ()):
+        """``works``: the exchanges to wait for; ``finish``: steps that need their data (run in
+        order, after every work succeeded); ``releases``: functions that hand back the buffers the
+        works read or write (comm/memory.py scratch), run once no work touches them any more."""
         self._works = [w for w in works if w is not None]
         self._finish = list(finish)
-        self._done = not self._works and not self._finish
+        self._releases = list(releases)
+        self._done = not self._works and not self._finish and not self._releases
         self._error: BaseException | None = None
 
     def is_complete(self) -> bool:
@@ -35,22 +43,37 @@ class EventOverlap:
         return self._done or all(w.is_completed() for w in self._works)
 
     def current_stream_wait(self) -> None:
-        """Waits for the communication, then runs the finishing steps (once). If a step raises
-        (e.g. CollectiveInputError: a peer rejected its input), every later wait raises it again."""
+        """Waits for the communication, then runs the finishing steps (once). If a wait or a step
+        raises (a backend error, or CollectiveInputError: a peer rejected its input), the error
+        propagates unchanged and every later wait raises it again.
+
+        The releases run exactly once, whatever happened, but only after EVERY work has been
+        waited on: when one wait fails, the others are still waited on (their own errors, most
+        often the same failure seen from another exchange, give way to the first), since an
+        exchange still in flight may write into a buffer the pool would hand to the next call.
+        Only an interrupt (KeyboardInterrupt, SystemExit) during the waits leaves the buffers
+        held: they are then never reused, the pool's rule for an event nobody waits on."""
         if self._done:
             if self._error is not None:
                 raise self._error
             return
-        works, finish = self._works, self._finish
-        self._works, self._finish, self._done = [], [], True
+        works, finish, releases = self._works, self._finish, self._releases
+        self._works, self._finish, self._releases, self._done = [], [], [], True
+        settled = False  # every work has finished (its wait returned or raised an Exception)
         try:
-            for w in works:
-                w.wait()
+            failure = _wait_every(works)
+            settled = True
+            if failure is not None:
+                raise failure
             for fn in finish:
                 fn()
         except BaseException as err:
             self._error = err
             raise
+        finally:
+            if settled:
+                for release in releases:
+                    release()
 
     def then(self, fn: Callable[[], None]) -> EventOverlap:
         """Adds a finishing step (runs now if the event has already finished; an event that
@@ -88,3 +111,15 @@ def wait_previous(previous_event: EventOverlap | None) -> None:
         raise TypeError(f"previous_event must be an EventOverlap or None, got {type(previous_event).__name__}")
     previous_event.current_stream_wait()
 
+
+def _wait_every(works: Sequence[dist.Work]) -> Exception | None:
+    """Waits on every work, also after one failed; returns the first failure (None if none).
+    An interrupt (a BaseException that is not an Exception) propagates at once."""
+    failure: Exception | None = None
+    for w in works:
+        try:
+            w.wait()
+        except Exception as err:
+            if failure is None:
+                failure = err
+    return failure

@@ -126,27 +126,31 @@ def combined_size(metas: Sequence[TensorMeta | None]) -> int:
     return HEADER_BYTES + sum(_pad(m.nbytes) for m in metas if m is not None)
 
 
-def encode_header(tensors: Sequence[torch.Tensor | None], status: int = STATUS_OK) -> torch.Tensor:
-    """[status, n, then per entry: dtype code (-1 for None), requires_grad, ndim, dims...] (int64
-    [HEADER_LEN]; shared between calls with the same shapes: read it, never write it)."""
-    if len(tensors) > MAX_TENSORS:
-        raise ValueError(f"a stage passes at most {MAX_TENSORS} tensors to the next, got {len(tensors)}")
-    for t in tensors:
-        if t is not None and t.dtype not in _DTYPE_CODE:
-            raise TypeError(f"cannot send a tensor of dtype {t.dtype} between pipeline stages")
-    return header_of(tuple(metas_of(tensors)), status)
-
-
 @functools.lru_cache(maxsize=1024)
-def header_of(metas: tuple[TensorMeta | None, ...], status: int = STATUS_OK) -> torch.Tensor:
-    """``encode_header`` from the tensors' metas (cached: a pipeline sends the same shapes every
-    step, and the receiver compares a header with the one it expects instead of decoding it)."""
+def _header(metas: tuple[TensorMeta | None, ...], status: int) -> torch.Tensor:
+    """The header of a transfer of tensors with these metas: [status, n, then per entry: dtype
+    code (-1 for None), requires_grad, ndim, dims...] (int64 [HEADER_LEN]). Raises a clear error
+    for what cannot travel (too many tensors or dimensions, a dtype with no code).
+
+    Cached (a pipeline sends the same shapes every step, and a receiver compares a header with
+    the one it expects instead of decoding it), so the tensor is shared by every call with these
+    metas: it never leaves this module, whose code only copies from it or compares with it, so no
+    caller can change what later headers say."""
+    if len(metas) > MAX_TENSORS:
+        raise ValueError(f"a stage passes at most {MAX_TENSORS} tensors to the next, got {len(metas)}")
     h = [status, len(metas)]
     for m in metas:
+        if m is not None and m.dtype not in _DTYPE_CODE:
+            raise TypeError(f"cannot send a tensor of dtype {m.dtype} between pipeline stages")
         h += [-1] if m is None else [_DTYPE_CODE[m.dtype], int(m.requires_grad), len(m.shape), *m.shape]
     if len(h) > HEADER_LEN:
         raise ValueError(f"too many dimensions in the tensors passed between stages (header of {len(h)} > {HEADER_LEN})")
     return torch.tensor(h + [0] * (HEADER_LEN - len(h)), dtype=torch.int64)
+
+
+def encode_header(metas: Sequence[TensorMeta | None], status: int = STATUS_OK) -> torch.Tensor:
+    """The header of ``metas`` (see ``_header``) as a new tensor the caller owns."""
+    return _header(tuple(metas), status).clone()
 
 
 def encode_abort(message: str) -> torch.Tensor:
@@ -423,7 +427,7 @@ class P2P:
         # copy to the host: the header is read only once it has landed.
         header = r.first[:HEADER_BYTES].view(torch.int64)
         header = header.cpu() if header.device.type != "cpu" else header
-        if r.cached is not None and torch.equal(header, header_of(tuple(r.cached))):  # the steady state
+        if r.cached is not None and torch.equal(header, _header(tuple(r.cached), STATUS_OK)):  # the steady state
             r.metas = list(r.cached)
             r.views = _views(r.first, HEADER_BYTES, r.metas)
             return False
@@ -479,14 +483,19 @@ class P2P:
     def send(self, key: Key, dst: int, tensors: Sequence[torch.Tensor | None]) -> None:
         """Packs the tensors into this transfer's messages (copies: the caller may free its
         tensors); they go out with the transfer's round (posted before a later action)."""
-        self._next_send(key, dst)
         metas = metas_of(tensors)
-        cached = self.cache.get(self._ckey(key))
-        self.cache[self._ckey(key)] = metas
+        ckey = self._ckey(key)
+        cached = self.cache.get(ckey)
+        steady = cached is not None and cached == metas  # the receiver expects exactly this one message
+        # Made (and the tensors checked) before the send is counted: a refused send is still owed
+        # to its receiver, as an abort (send_aborts).
+        header = _header(tuple(metas), STATUS_OK if steady or cached is None else STATUS_RESHAPE)
+        self._next_send(key, dst)
+        self.cache[ckey] = metas
         payloads = [None if t is None else t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-        if cached is not None and cached == metas:  # the receiver expects exactly this one message
+        if steady:
             buf = torch.empty(combined_size(metas), dtype=torch.uint8, device=self.device)
-            buf[:HEADER_BYTES].view(torch.int64).copy_(header_of(tuple(metas)))
+            buf[:HEADER_BYTES].view(torch.int64).copy_(header)
             _pack(buf, HEADER_BYTES, payloads)
             self.out[key] = (buf, None)
             return
@@ -494,7 +503,7 @@ class P2P:
         # the payload message; the header tells the receiver its size.
         first = torch.zeros(combined_size(cached) if cached is not None else HEADER_BYTES, dtype=torch.uint8,
                             device=self.device)
-        first[:HEADER_BYTES].view(torch.int64).copy_(encode_header(tensors, STATUS_RESHAPE if cached else STATUS_OK))
+        first[:HEADER_BYTES].view(torch.int64).copy_(header)
         payload = None
         if combined_size(metas) > HEADER_BYTES:
             payload = torch.empty(combined_size(metas) - HEADER_BYTES, dtype=torch.uint8, device=self.device)

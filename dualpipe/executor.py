@@ -178,11 +178,13 @@ def transfer_rounds(schedule: Schedule, rank: int, training: bool) -> RoundPlan:
     slots: dict[Key, float] = {}
     for key, _ in (r for _, recvs in rounds for r in recvs):
         slots[key] = times[post_before[consumer[key]] - 1]
-    for dst in sorted({dst for sends, _ in rounds for _, dst in sends}):
-        _, d_times, d_post, d_consumer = _rank_rounds(schedule, dst, training, acts, produced)
-        for key, to in (s for sends, _ in rounds for s in sends):
-            if to == dst:
-                slots[key] = d_times[d_post[d_consumer[key]] - 1]
+    # A send's slot is its receiver's: computed once per destination, in one pass over the sends.
+    receivers: dict[int, tuple[list[float], list[int], dict[Key, int]]] = {}
+    for key, dst in (s for sends, _ in rounds for s in sends):
+        if dst not in receivers:
+            receivers[dst] = _rank_rounds(schedule, dst, training, acts, produced)[1:]
+        d_times, d_post, d_consumer = receivers[dst]
+        slots[key] = d_times[d_post[d_consumer[key]] - 1]
     return RoundPlan(rounds, times, post_before, slots)
 
 

@@ -21,6 +21,16 @@ class DictStage(Stage):
         return {"x": x} if self.n > self.ok_calls else super().forward(x)
 
 
+class ComplexStage(Stage):
+    """Returns a complex128 tensor (no P2P dtype code) from its second call on: a Tensor, so it
+    passes the executor's output check, and fails only when its send encodes the header."""
+
+    def forward(self, x):
+        self.n = getattr(self, "n", 0) + 1
+        out = super().forward(x)
+        return out.to(torch.complex128) if self.n > 1 else out
+
+
 def _attempt(fn) -> tuple[str, str]:
     try:
         fn()
@@ -65,6 +75,13 @@ def errors_worker(rank: int, world: int, seed: int) -> dict[str, tuple[str, str]
     bad_pipe = DualPipeV((bad[rank], bad[2 * N - 1 - rank]))
     res["first_step_ok"] = _attempt(lambda: step(stage_pipe=bad_pipe))
     res["wrong_output_second_step"] = _attempt(lambda: step(stage_pipe=bad_pipe))
+    # A stage on the first rank returns what no P2P header can describe, mid-schedule: the refused
+    # send must still reach its receiver as an abort.
+    bad = make_stages(seed, 2 * N)
+    if rank == 0:
+        bad[0] = ComplexStage()
+        bad[0].load_state_dict(stages[0].state_dict())
+    res["unsendable_dtype"] = _attempt(lambda: step(stage_pipe=DualPipeV((bad[rank], bad[2 * N - 1 - rank]))))
     res["odd_dualpipe"] = _attempt(lambda: DualPipe((stages[0], stages[1])).step(num_chunks=2 * N))
     # The same pipeline still trains correctly after all of that.
     for m in pipe.module:
@@ -97,6 +114,11 @@ def test_bad_input_raises_on_every_rank_and_pipeline_recovers() -> None:
         assert res["first_step_ok"] == ("none", ""), (rank, res)
         kind, msg = res["wrong_output_second_step"]
         assert kind in ("TypeError", "RuntimeError") and "must return a Tensor" in msg, (rank, res)
+        kind, msg = res["unsendable_dtype"]
+        assert kind in ("TypeError", "RuntimeError") and "cannot send a tensor of dtype torch.complex128" in msg, (
+            rank, res)
+        if rank == 0:
+            assert kind == "TypeError", res
         kind, msg = res["odd_dualpipe"]
         assert kind == "ValueError" and "even num_ranks" in msg, (rank, res)
         assert res["after_errors"] < 1e-10, (rank, res)
