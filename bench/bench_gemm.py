@@ -8,7 +8,8 @@ memory-bound groups, so ours can be read as a fraction of the machine's bandwidt
 Targets (issue 3): compute-bound >= 0.8x BF16 matmul and >= 4x _scaled_mm; memory-bound (M <= 16,
 N = K = 7168) >= 1.5x BF16 matmul (also measured on one thread, M = 1, to show how each side scales;
 every case records torch's thread count in extra_info); grouped contiguous (8 x 512 rows, N 2048, K 7168) >= 0.8x
-BF16 matmul on the same FLOPs. Shapes: the issue's compute-bound shapes up to 4096 x 7168 x 7168
+BF16 matmul on the same FLOPs. Pre-packed weights (prepack_fp8_weight, B decoded once) are
+compared with the same call on (b, sb), for the dense GEMM and the grouped ones. Shapes: the issue's compute-bound shapes up to 4096 x 7168 x 7168
 take seconds per call on 2 cores; the quick case is M = N = 2048, K = 7168 and the others are in
 the full run.
 """
@@ -172,3 +173,47 @@ def test_prepacked_weight(benchmark, m: int, impl: str) -> None:
     d = torch.empty(m, n, dtype=torch.bfloat16)
     fn = lambda: ops.fp8_gemm_nt(a, w, d)  # noqa: E731
     _run(benchmark, f"fp8_gemm_nt prepacked weight M={m} N=K=7168 cpu", impl, fn, 2.0 * m * n * k)
+
+
+def _grouped_weight(g: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    bs = [ops.per_block_cast_to_fp8(torch.randn(n, k)) for _ in range(g)]
+    return torch.stack([x[0] for x in bs]), torch.stack([x[1] for x in bs])
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("impl", ["ours", "unpacked"])
+def test_prepacked_grouped_contiguous(benchmark, impl: str) -> None:
+    """ours: m_grouped_fp8_gemm_nt_contiguous with a grouped PackedFP8Weight; peer: the same call
+    with (b, sb) (every group's B decoded per call), on the issue's grouped shape."""
+    g, rows, n, k = 8, 512, 2048, 7168
+    m = g * rows
+    a = ops.per_token_cast_to_fp8(torch.randn(m, k))
+    b = _grouped_weight(g, n, k)
+    w = prepack_fp8_weight(b) if impl == "ours" else b
+    m_indices = torch.arange(g, dtype=torch.int32).repeat_interleave(rows)
+    d = torch.empty(m, n, dtype=torch.bfloat16)
+    fn = lambda: ops.m_grouped_fp8_gemm_nt_contiguous(a, w, d, m_indices)  # noqa: E731
+    _run(benchmark, f"m_grouped_contiguous {g}x{rows} N={n} K={k} cpu, prepacked weight", impl, fn,
+         2.0 * m * n * k, rounds=2)
+
+
+@pytest.mark.parametrize("rows", [pytest.param((1, 16), marks=pytest.mark.quick), (17, 64)], ids=lambda r: f"{r[0]}-{r[1]}")
+@pytest.mark.parametrize("impl", ["ours", "unpacked"])
+def test_prepacked_grouped_masked(benchmark, rows: tuple[int, int], impl: str) -> None:
+    """ours: m_grouped_fp8_gemm_nt_masked with a grouped PackedFP8Weight; peer: (b, sb). The
+    decode-like case (1..16 valid rows per expert) runs the GEMV path, which streams the FP8 bytes
+    whether or not the weight is packed: the ratio shows that packing costs nothing there. With
+    17..64 rows per expert each group runs the packed path, where the per-call decode counts.
+    masked_m spreads evenly over the range (the same for ours and the peer)."""
+    g, n, k = 8, 2048, 7168
+    lo, hi = rows
+    masked_m = torch.linspace(lo, hi, g).round().to(torch.int32)
+    aq, sa = ops.per_token_cast_to_fp8(torch.randn(g * hi, k))
+    a = (aq.view(g, hi, k), sa.view(g, hi, -1))
+    b = _grouped_weight(g, n, k)
+    w = prepack_fp8_weight(b) if impl == "ours" else b
+    d = torch.empty(g, hi, n, dtype=torch.bfloat16)
+    expected_m = (lo + hi) // 2
+    fn = lambda: ops.m_grouped_fp8_gemm_nt_masked(a, w, d, masked_m, expected_m)  # noqa: E731
+    _run(benchmark, f"m_grouped_masked G={g} masked_m {lo}..{hi} N={n} K={k} cpu, prepacked weight", impl, fn,
+         2.0 * int(masked_m.sum()) * n * k, rounds=5)

@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("active_cpu_isa", [] { return dsv3::cpu_isa_name(dsv3::active_cpu_isa()); },
         "Instruction set the CPU kernels use now.");
   m.def("set_cpu_isa", &dsv3::set_cpu_isa, pybind11::arg("isa"),
-        "Caps the CPU instruction set ('portable', 'avx2', 'avx512', 'amx', 'auto'); returns the active one.");
+        "Caps the CPU instruction set ('portable', 'avx2', 'avx512', 'amx'; 'auto': DSV3_CPU_ISA or the "
+        "highest verified one); returns the active one.");
 #ifdef DSV3_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -59,7 +59,10 @@ def _check_device(name: str, t: torch.Tensor) -> None:
 
 def _unpack(name: str, pair: object) -> tuple[object, object]:
     if isinstance(pair, PackedFP8Weight):
-        raise TypeError(f"{name}: a PackedFP8Weight is accepted only as fp8_gemm_nt's b; pass its (b, sb) here")
+        raise TypeError(
+            f"{name}: a PackedFP8Weight is accepted only as the b of fp8_gemm_nt and of the m-grouped GEMMs; "
+            "pass its (b, sb) here"
+        )
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name} must be a (payload, scales) tuple, got {type(pair).__name__}")
     return pair[0], pair[1]
@@ -128,7 +131,10 @@ _PANEL_COLS = 16
 @dataclass(frozen=True, eq=False)
 class PackedFP8Weight:
     """An FP8 weight ``(b [N, K], sb)`` with B decoded once for the CPU GEMM
-    (``prepack_fp8_weight``); ``fp8_gemm_nt`` accepts it in place of ``(b, sb)``.
+    (``prepack_fp8_weight``); ``fp8_gemm_nt`` accepts it in place of ``(b, sb)``. A grouped
+    weight ``(b [G, N, K], sb [G, ...])`` (MoE experts) packs the same way, each group on its own,
+    and ``m_grouped_fp8_gemm_nt_contiguous`` / ``m_grouped_fp8_gemm_nt_masked`` accept it in place
+    of their ``(b, sb)``; ``num_groups`` tells the two kinds apart (None for a dense weight).
 
     Why: for M > 16 rows the CPU GEMM decodes B into fp32 panels (K-interleaved, _PANEL_COLS columns
     wide) on every call; for a 7168 x 7168 weight that is about 20 ms of one core, a third of a
@@ -139,7 +145,11 @@ class PackedFP8Weight:
     The panels are a snapshot of ``b``: changing ``b`` in place afterwards is detected (torch's
     version counter) and refused (inference tensors have no version counter: not checked);
     ``sb`` is read at every call (scales are applied at promotion, never folded into the panels),
-    so it may be updated in place. CPU only.
+    so it may be updated in place. CPU only: the CUDA kernels take ``(b, sb)``.
+
+    Grouped weights: the GEMM of a group with more than 16 rows reads its panels; groups with
+    fewer rows (decode-time expert batches) take the GEMV path, which streams ``b``'s FP8 bytes
+    and gains nothing from packing.
     """
 
     b: torch.Tensor
@@ -149,32 +159,62 @@ class PackedFP8Weight:
 
     @property
     def shape(self) -> torch.Size:
+        """b's shape: [N, K], or [G, N, K] for a grouped weight."""
         return self.b.shape
 
+    @property
+    def num_groups(self) -> int | None:
+        """G for a grouped weight packed from b [G, N, K]; None for a dense [N, K] one."""
+        return self.b.shape[0] if self.b.dim() == 3 else None
+
     def __repr__(self) -> str:
-        n, k = self.b.shape
-        return f"PackedFP8Weight(N={n}, K={k}, sb={list(self.sb.shape)}, device={self.b.device})"
+        *g, n, k = self.b.shape
+        groups = f"G={g[0]}, " if g else ""
+        return f"PackedFP8Weight({groups}N={n}, K={k}, sb={list(self.sb.shape)}, device={self.b.device})"
 
 
 def prepack_fp8_weight(b: tuple[torch.Tensor, torch.Tensor]) -> PackedFP8Weight:
     """Packs an FP8 weight once for repeated ``fp8_gemm_nt(a, packed, d)`` calls on the CPU.
 
+    Also packs the grouped weight of MoE experts for repeated ``m_grouped_fp8_gemm_nt_contiguous``
+    / ``m_grouped_fp8_gemm_nt_masked`` calls.
+
     Args:
-        b: (b [N, K] e4m3 contiguous, sb [ceil(N/128), ceil(K/128)] or [N, ceil(K/128)] f32).
+        b: (b [N, K] e4m3 contiguous, sb [ceil(N/128), ceil(K/128)] or [N, ceil(K/128)] f32),
+            or grouped: (b [G, N, K], sb [G, ceil(N/128), ceil(K/128)] or [G, N, ceil(K/128)]).
 
     Returns:
-        A PackedFP8Weight (results are bit-identical to passing ``(b, sb)`` itself).
+        A PackedFP8Weight (results are bit-identical to passing ``(b, sb)`` itself). Its panels
+        take 4 bytes per weight element (e.g. 470 MB for 8 experts of 2048 x 7168).
     """
-    b_, sb = _operand("b", b, 2)
-    n, k = b_.shape
-    sb = _scales("sb", sb, _rhs_scale_shapes((), n, _cdiv(k, BLOCK)))
+    payload, scales = _unpack("b", b)
+    payload = check_tensor("b", payload)
+    if payload.dim() not in (2, 3):
+        raise ValueError(f"b must be [N, K] (dense) or [G, N, K] (grouped), got shape {list(payload.shape)}")
+    b_ = _payload("b", payload, payload.dim())
+    *lead, n, k = b_.shape
+    sb = _scales("sb", scales, _rhs_scale_shapes(tuple(lead), n, _cdiv(k, BLOCK)))
     check_same_device(b=b_, sb=sb)
     if b_.device.type != "cpu":
         raise RuntimeError(f"prepack_fp8_weight packs for the CPU GEMM; b is on {b_.device} (pass (b, sb) on CUDA)")
     return PackedFP8Weight(b_, sb, native.fp8_prepack_b(b_), None if b_.is_inference() else b_._version)
 
 
-def _packed_operand(b: PackedFP8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_operand(op: str, b: PackedFP8Weight, a: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, sb) of a packed weight, after checking it fits `op` (dense or grouped), was not
+    changed since packing, and is used with a CPU a (the panels exist only for the CPU kernels)."""
+    grouped = op.startswith("m_grouped")
+    if grouped != (b.num_groups is not None):
+        raise ValueError(
+            f"b: {op} needs a {'grouped [G, N, K]' if grouped else 'dense [N, K]'} PackedFP8Weight, got one "
+            f"packed from b of shape {list(b.shape)}"
+        )
+    lhs = a[0] if isinstance(a, (tuple, list)) and a else None
+    if isinstance(lhs, torch.Tensor) and lhs.device.type != "cpu":
+        raise RuntimeError(
+            f"b: a PackedFP8Weight is for the CPU kernels only (prepack_fp8_weight), but a is on {lhs.device}; "
+            "pass (b, sb) there"
+        )
     if b.b_version is not None and b.b._version != b.b_version:
         raise RuntimeError("b: the FP8 weight was modified in place after prepack_fp8_weight; pack it again")
     return b.b, b.sb
@@ -199,8 +239,9 @@ def fp8_gemm_nt(
         d.
     """
     packed = b if isinstance(b, PackedFP8Weight) else None
+    b = _packed_operand("fp8_gemm_nt", packed, a) if packed else b
     a_, sa = _operand("a", a, 2)
-    b_, sb = _operand("b", _packed_operand(packed) if packed else b, 2)
+    b_, sb = _operand("b", b, 2)
     (m, k), n = a_.shape, b_.shape[0]
     _check_k("a", k, "b", b_.shape[1])
     kb = _cdiv(k, BLOCK)
@@ -254,7 +295,7 @@ def get_m_alignment_for_contiguous_layout() -> int:
 
 def m_grouped_fp8_gemm_nt_contiguous(
     a: tuple[torch.Tensor, torch.Tensor],
-    b: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor] | PackedFP8Weight,
     d: torch.Tensor,
     m_indices: torch.Tensor,
 ) -> torch.Tensor:
@@ -262,7 +303,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
 
     Args:
         a: (a [M, K] e4m3, sa [M, ceil(K/128)] f32).
-        b: (b [G, N, K] e4m3, sb [G, ceil(N/128), ceil(K/128)] (or [G, N, ceil(K/128)]) f32).
+        b: (b [G, N, K] e4m3, sb [G, ceil(N/128), ceil(K/128)] (or [G, N, ceil(K/128)]) f32), or
+            a grouped PackedFP8Weight from prepack_fp8_weight (CPU).
         d: output [M, N] bfloat16 or float32.
         m_indices: [M] int32 (int64 accepted): the group of each row, or -1 for padding rows,
             which are written as zeros.
@@ -270,6 +312,8 @@ def m_grouped_fp8_gemm_nt_contiguous(
     Returns:
         d, with d[m] = A[m] @ B[m_indices[m]]^T.
     """
+    packed = b if isinstance(b, PackedFP8Weight) else None
+    b = _packed_operand("m_grouped_fp8_gemm_nt_contiguous", packed, a) if packed else b
     a_, sa = _operand("a", a, 2)
     b_, sb = _operand("b", b, 3)
     (m, k), (g, n) = a_.shape, b_.shape[:2]
@@ -283,13 +327,16 @@ def m_grouped_fp8_gemm_nt_contiguous(
     if m and bool(((m_indices < -1) | (m_indices >= g)).any()):
         bad = m_indices[(m_indices < -1) | (m_indices >= g)][0].item()
         raise ValueError(f"m_indices must be in [-1, {g}) (-1 marks padding rows), got {bad}")
-    native.m_grouped_fp8_gemm_nt_contiguous_out(a_, sa, b_, sb, m_indices, d)
+    if packed:
+        native.m_grouped_fp8_gemm_nt_contiguous_prepacked_out(a_, sa, b_, sb, packed.panels, m_indices, d)
+    else:
+        native.m_grouped_fp8_gemm_nt_contiguous_out(a_, sa, b_, sb, m_indices, d)
     return d
 
 
 def m_grouped_fp8_gemm_nt_masked(
     a: tuple[torch.Tensor, torch.Tensor],
-    b: tuple[torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor] | PackedFP8Weight,
     d: torch.Tensor,
     masked_m: torch.Tensor,
     expected_m: int,
@@ -298,7 +345,8 @@ def m_grouped_fp8_gemm_nt_masked(
 
     Args:
         a: (a [G, Mmax, K] e4m3, sa [G, Mmax, ceil(K/128)] f32).
-        b: (b [G, N, K] e4m3, sb [G, ceil(N/128), ceil(K/128)] (or [G, N, ceil(K/128)]) f32).
+        b: (b [G, N, K] e4m3, sb [G, ceil(N/128), ceil(K/128)] (or [G, N, ceil(K/128)]) f32), or
+            a grouped PackedFP8Weight from prepack_fp8_weight (CPU; used by groups > 16 rows).
         d: output [G, Mmax, N] bfloat16 or float32; rows at or past masked_m[g] are not touched.
         masked_m: [G] int32 (int64 accepted), each in [0, Mmax].
         expected_m: a hint of the typical masked_m (used for tile choice on CUDA), > 0.
@@ -306,6 +354,8 @@ def m_grouped_fp8_gemm_nt_masked(
     Returns:
         d.
     """
+    packed = b if isinstance(b, PackedFP8Weight) else None
+    b = _packed_operand("m_grouped_fp8_gemm_nt_masked", packed, a) if packed else b
     a_, sa = _operand("a", a, 3)
     b_, sb = _operand("b", b, 3)
     (g, mmax, k), n = a_.shape, b_.shape[1]
@@ -323,7 +373,10 @@ def m_grouped_fp8_gemm_nt_masked(
     if g and bool(((masked_m < 0) | (masked_m > mmax)).any()):
         bad = masked_m[(masked_m < 0) | (masked_m > mmax)][0].item()
         raise ValueError(f"masked_m must be in [0, Mmax={mmax}], got {bad}")
-    native.m_grouped_fp8_gemm_nt_masked_out(a_, sa, b_, sb, masked_m, expected_m, d)
+    if packed:
+        native.m_grouped_fp8_gemm_nt_masked_prepacked_out(a_, sa, b_, sb, packed.panels, masked_m, expected_m, d)
+    else:
+        native.m_grouped_fp8_gemm_nt_masked_out(a_, sa, b_, sb, masked_m, expected_m, d)
     return d
 
 
@@ -424,7 +477,8 @@ def _fp8_gemm_nt_out_fake(a, sa, b, sb, c, d) -> None:
 
 @torch.library.register_fake("dsv3::fp8_prepack_b")
 def _fp8_prepack_b_fake(b) -> torch.Tensor:
-    return b.new_empty((_cdiv(b.shape[0], _PANEL_COLS), b.shape[1], _PANEL_COLS), dtype=torch.float32)
+    *lead, n, k = b.shape  # [N, K] or [G, N, K]
+    return b.new_empty((*lead, _cdiv(n, _PANEL_COLS), k, _PANEL_COLS), dtype=torch.float32)
 
 
 @torch.library.register_fake("dsv3::fp8_gemm_nt_prepacked_out")
@@ -434,6 +488,16 @@ def _fp8_gemm_nt_prepacked_out_fake(a, sa, b, sb, b_panels, c, d) -> None:
 
 @torch.library.register_fake("dsv3::m_grouped_fp8_gemm_nt_contiguous_out")
 def _m_grouped_contiguous_fake(a, sa, b, sb, m_indices, d) -> None:
+    return None
+
+
+@torch.library.register_fake("dsv3::m_grouped_fp8_gemm_nt_contiguous_prepacked_out")
+def _m_grouped_contiguous_prepacked_fake(a, sa, b, sb, b_panels, m_indices, d) -> None:
+    return None
+
+
+@torch.library.register_fake("dsv3::m_grouped_fp8_gemm_nt_masked_prepacked_out")
+def _m_grouped_masked_prepacked_fake(a, sa, b, sb, b_panels, masked_m, expected_m, d) -> None:
     return None
 
 

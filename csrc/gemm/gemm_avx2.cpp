@@ -250,15 +250,8 @@ void gemv_tile(const float* a, int64_t lda, const float* sa, int64_t ldsa, const
 void gemv_avx2(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
                const float* const* sb, int64_t k, float* out, int64_t ldo) {
   static_assert(kGemvRows == 3 && kGemvMr == 4, "gemv_avx2 is written for 3 B rows and up to 4 A rows");
-  using Fn = void (*)(const float*, int64_t, const float*, int64_t, const uint8_t* const*, const float* const*,
-                      int64_t, float*, int64_t);
-  static constexpr Fn tiles[] = {&gemv_tile<1, 3, 2>, &gemv_tile<2, 3, 1>, &gemv_tile<3, 3, 1>, &gemv_tile<4, 3, 1>};
-  // e4m3 subnormals decode to fp32 subnormals: keep them (DAZ would read them as zero).
-  const unsigned csr = _mm_getcsr();
-  constexpr unsigned kDaz = 0x40;
-  if (csr & kDaz) _mm_setcsr(csr & ~kDaz);
-  tiles[mr - 1](a, lda, sa, ldsa, b, sb, k, out, ldo);
-  if (csr & kDaz) _mm_setcsr(csr);
+  static constexpr GemvTileFn tiles[] = {&gemv_tile<1, 3, 2>, &gemv_tile<2, 3, 1>, &gemv_tile<3, 3, 1>, &gemv_tile<4, 3, 1>};
+  run_gemv_tile(tiles, a, lda, sa, ldsa, mr, b, sb, k, out, ldo);
 }
 
 }  // namespace

@@ -10,8 +10,9 @@
 //     sweeps its kMr-row groups of A (kept in L2) with the micro-kernel, which runs every 128-K
 //     block of the chunk in registers and promotes each block's partial into the task's FP32 C
 //     tile with the A and B scales of the block.
-//     A weight packed once by fp8_prepack_b (ops.prepack_fp8_weight) holds all of these panels:
-//     then no slab is decoded per call (a third of the work at M = 17, N = K = 7168).
+//     A weight packed once by fp8_prepack_b (ops.prepack_fp8_weight) holds all of these panels
+//     (per group for the grouped GEMMs' [G, N, K] weights): then no slab is decoded per call (a
+//     third of the work at M = 17, N = K = 7168). Both are made by decode_b_panels.
 //   * GEMV (M <= kGemvMaxM, memory-bound): A is packed once (gemv_pack_a); tasks stream groups of
 //     kGemvRows B rows, each 32-byte vector decoded in registers once per kGemvMr rows of A
 //     (B's bytes are read from memory once: half the bytes of a BF16 weight).
@@ -56,7 +57,10 @@ struct GemmArgs {
   const float* sb_row(int64_t j) const { return sb + (sb_per_row ? j : j / kBlockK) * ldsb; }
 };
 
-KernelSet active_kernels() { return active_cpu_isa() >= CpuIsa::kAvx2 ? avx2_kernels() : portable_kernels(); }
+KernelSet active_kernels() {
+  const CpuIsa isa = active_cpu_isa();
+  return isa >= CpuIsa::kAvx512 ? avx512_kernels() : isa >= CpuIsa::kAvx2 ? avx2_kernels() : portable_kernels();
+}
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 inline int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
@@ -120,6 +124,20 @@ void pack_scales(int64_t p, int64_t rows, int64_t num_kb, int pr, float* scales,
     }
 }
 
+// Decodes `panels` kNr-row panels of B [n, k] (row j at b + j * ldb), starting at row j0, into
+// the packed path's K-interleaved fp32 layout: panel p at dst + p * k * kNr, element (kk, r) =
+// e4m3(B[j0 + p * kNr + r, kk]) / 256, zeros for rows past n. One task per panel. Both the GEMM's
+// per-call slabs and fp8_prepack_b's one-time panels are made here, so they hold the same bits.
+void decode_b_panels(const KernelSet& ks, const uint8_t* b, int64_t ldb, int64_t n, int64_t k, int64_t j0,
+                     int64_t panels, float* dst) {
+  parallel_tasks(panels, 0, [&](int64_t p, float*) {
+    const int64_t j = j0 + p * kNr;
+    const int rows = static_cast<int>(std::min<int64_t>(kNr, n - j));
+    for (int64_t c0 = 0; c0 < k; c0 += kChunkK)
+      ks.pack_b(b + j * ldb, ldb, rows, c0, std::min(kChunkK, k - c0), dst + (p * k + c0) * kNr);
+  });
+}
+
 void run_packed(const GemmArgs& g, const KernelSet& ks) {
   const int64_t num_kb = cdiv(g.k, kBlockK);
   const int64_t panels_a = cdiv(g.m, kMr), panels_b = cdiv(g.n, kNr);
@@ -152,13 +170,7 @@ void run_packed(const GemmArgs& g, const KernelSet& ks) {
   for (int64_t s0 = 0; s0 < g.n; s0 += kSlabN) {
     const int64_t sn = std::min(kSlabN, g.n - s0), sp = cdiv(sn, kNr), tiles_n = cdiv(sn, kTileN);
     const float* pb = g.b_panels ? g.b_panels + (s0 / kNr) * g.k * kNr : slab_data;
-    if (!g.b_panels)
-      parallel_tasks(sp, 0, [&](int64_t p, float*) {
-        const int64_t j0 = s0 + p * kNr;
-        const int rows = static_cast<int>(std::min<int64_t>(kNr, g.n - j0));
-        for (int64_t c0 = 0; c0 < g.k; c0 += kChunkK)
-          ks.pack_b(g.b + j0 * g.ldb, g.ldb, rows, c0, std::min(kChunkK, g.k - c0), slab_data + (p * g.k + c0) * kNr);
-      });
+    if (!g.b_panels) decode_b_panels(ks, g.b, g.ldb, g.n, g.k, s0, sp, slab_data);
     const int64_t groups_n = cdiv(tiles_n, group), tasks = tiles_m * groups_n;
     std::atomic<int64_t> next{0};
     run_workers(std::min(workers, tasks), [&](int64_t w) {
@@ -323,18 +335,17 @@ void fp8_gemm_nt_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Te
 }
 
 at::Tensor fp8_prepack_b_cpu(const at::Tensor& b) {
-  gemm::check_fp8(b, "fp8_prepack_b: b", 2);
-  const int64_t n = b.size(0), k = b.size(1), panels = cdiv(n, gemm::kNr);
-  at::Tensor out = at::empty({panels, k, gemm::kNr}, b.options().dtype(at::kFloat));
+  TORCH_CHECK(b.dim() == 2 || b.dim() == 3, "fp8_prepack_b: b must be [N, K] or [G, N, K], got ", b.sizes());
+  gemm::check_fp8(b, "fp8_prepack_b: b", b.dim());
+  const bool grouped = b.dim() == 3;
+  const int64_t groups = grouped ? b.size(0) : 1, n = b.size(-2), k = b.size(-1), panels = cdiv(n, gemm::kNr);
+  at::Tensor out = grouped ? at::empty({groups, panels, k, gemm::kNr}, b.options().dtype(at::kFloat))
+                           : at::empty({panels, k, gemm::kNr}, b.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const gemm::KernelSet ks = gemm::active_kernels();  // every kernel set decodes to the same exact values
-  const uint8_t* src = gemm::bytes(b);
   float* dst = out.data_ptr<float>();
-  gemm::parallel_tasks(panels, 0, [&](int64_t p, float*) {
-    const int rows = static_cast<int>(std::min<int64_t>(gemm::kNr, n - p * gemm::kNr));
-    for (int64_t c0 = 0; c0 < k; c0 += gemm::kChunkK)
-      ks.pack_b(src + p * gemm::kNr * k, k, rows, c0, std::min(gemm::kChunkK, k - c0), dst + (p * k + c0) * gemm::kNr);
-  });
+  for (int64_t e = 0; e < groups; ++e)  // each group is its own [N, K] weight (its panels start afresh)
+    gemm::decode_b_panels(ks, gemm::bytes(b) + e * n * k, k, n, k, 0, panels, dst + e * panels * k * gemm::kNr);
   return out;
 }
 
@@ -347,8 +358,19 @@ void fp8_gemm_nt_prepacked_out_cpu(const at::Tensor& a, const at::Tensor& sa, co
   gemm::run_gemm(g);
 }
 
-void m_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
-                                              const at::Tensor& sb, const at::Tensor& m_indices, const at::Tensor& d) {
+namespace gemm {
+namespace {
+
+// The panels of a grouped weight packed by fp8_prepack_b ([G, ceil(N/kNr), K, kNr]; group e's
+// start e * ceil(N/kNr) * K * kNr floats in), checked against b [G, N, K]; nullptr without panels.
+const float* group_panels(const std::optional<at::Tensor>& b_panels, const at::Tensor& b, const char* name) {
+  if (!b_panels) return nullptr;
+  check_f32(*b_panels, name, {b.size(0), cdiv(b.size(1), kNr), b.size(2), kNr});
+  return b_panels->data_ptr<float>();
+}
+
+void m_grouped_contiguous(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                          const std::optional<at::Tensor>& b_panels, const at::Tensor& m_indices, const at::Tensor& d) {
   gemm::check_fp8(a, "m_grouped_fp8_gemm_nt_contiguous: a", 2);
   gemm::check_fp8(b, "m_grouped_fp8_gemm_nt_contiguous: b", 3);
   const int64_t m = a.size(0), k = a.size(1), groups = b.size(0), n = b.size(1), num_kb = cdiv(k, kBlockK);
@@ -365,6 +387,7 @@ void m_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Ten
   for (int64_t i = 0; i < m; ++i)
     TORCH_CHECK(idx[i] >= -1 && idx[i] < groups, "m_grouped_fp8_gemm_nt_contiguous: m_indices[", i, "]=", idx[i],
                 " is outside [-1, ", groups, ")");
+  const float* panels = group_panels(b_panels, b, "m_grouped_fp8_gemm_nt_contiguous: b_panels");
   const bool bf16 = d.scalar_type() == at::kBFloat16;
   const int64_t sb_rows = sb.size(1);
   for (int64_t r0 = 0; r0 < m;) {  // one GEMM per run of equal indices
@@ -380,15 +403,15 @@ void m_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Ten
       g.b = gemm::bytes(b) + e * n * k, g.ldb = k;
       g.sb = sb.data_ptr<float>() + e * sb_rows * num_kb, g.ldsb = num_kb, g.sb_per_row = per_row;
       g.d = static_cast<char*>(d.data_ptr()) + r0 * n * d.element_size(), g.ldd = n, g.d_bf16 = bf16;
+      if (panels) g.b_panels = panels + e * cdiv(n, kNr) * k * kNr;
       gemm::run_gemm(g);
     }
     r0 = r1;
   }
 }
 
-void m_grouped_fp8_gemm_nt_masked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
-                                          const at::Tensor& sb, const at::Tensor& masked_m, int64_t /*expected_m*/,
-                                          const at::Tensor& d) {
+void m_grouped_masked(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b, const at::Tensor& sb,
+                      const std::optional<at::Tensor>& b_panels, const at::Tensor& masked_m, const at::Tensor& d) {
   gemm::check_fp8(a, "m_grouped_fp8_gemm_nt_masked: a", 3);
   gemm::check_fp8(b, "m_grouped_fp8_gemm_nt_masked: b", 3);
   const int64_t groups = a.size(0), mmax = a.size(1), k = a.size(2), n = b.size(1), num_kb = cdiv(k, kBlockK);
@@ -401,6 +424,7 @@ void m_grouped_fp8_gemm_nt_masked_out_cpu(const at::Tensor& a, const at::Tensor&
                   masked_m.is_contiguous(),
               "m_grouped_fp8_gemm_nt_masked: masked_m must be a contiguous int32 [G] tensor");
   gemm::check_out(d, "m_grouped_fp8_gemm_nt_masked: d", {groups, mmax, n}, false);
+  const float* panels = group_panels(b_panels, b, "m_grouped_fp8_gemm_nt_masked: b_panels");
   const int32_t* mm = masked_m.data_ptr<int32_t>();
   const int64_t sb_rows = sb.size(1);
   for (int64_t e = 0; e < groups; ++e) {
@@ -413,8 +437,37 @@ void m_grouped_fp8_gemm_nt_masked_out_cpu(const at::Tensor& a, const at::Tensor&
     g.sb = sb.data_ptr<float>() + e * sb_rows * num_kb, g.ldsb = num_kb, g.sb_per_row = per_row;
     g.d = static_cast<char*>(d.data_ptr()) + e * mmax * n * d.element_size(), g.ldd = n;
     g.d_bf16 = d.scalar_type() == at::kBFloat16;
+    if (panels) g.b_panels = panels + e * cdiv(n, kNr) * k * kNr;
     gemm::run_gemm(g);
   }
+}
+
+}  // namespace
+}  // namespace gemm
+
+void m_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                              const at::Tensor& sb, const at::Tensor& m_indices, const at::Tensor& d) {
+  gemm::m_grouped_contiguous(a, sa, b, sb, std::nullopt, m_indices, d);
+}
+
+void m_grouped_fp8_gemm_nt_contiguous_prepacked_out_cpu(const at::Tensor& a, const at::Tensor& sa,
+                                                        const at::Tensor& b, const at::Tensor& sb,
+                                                        const at::Tensor& b_panels, const at::Tensor& m_indices,
+                                                        const at::Tensor& d) {
+  gemm::m_grouped_contiguous(a, sa, b, sb, b_panels, m_indices, d);
+}
+
+void m_grouped_fp8_gemm_nt_masked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                          const at::Tensor& sb, const at::Tensor& masked_m, int64_t /*expected_m*/,
+                                          const at::Tensor& d) {
+  gemm::m_grouped_masked(a, sa, b, sb, std::nullopt, masked_m, d);
+}
+
+void m_grouped_fp8_gemm_nt_masked_prepacked_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,
+                                                    const at::Tensor& sb, const at::Tensor& b_panels,
+                                                    const at::Tensor& masked_m, int64_t /*expected_m*/,
+                                                    const at::Tensor& d) {
+  gemm::m_grouped_masked(a, sa, b, sb, b_panels, masked_m, d);
 }
 
 void k_grouped_fp8_gemm_nt_contiguous_out_cpu(const at::Tensor& a, const at::Tensor& sa, const at::Tensor& b,

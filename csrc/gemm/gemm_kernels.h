@@ -1,5 +1,6 @@
 // Building blocks of the CPU FP8 GEMM (gemm_cpu.cpp drives them), each in a portable
-// (gemm_portable.cpp) and an AVX2 (gemm_avx2.cpp) version:
+// (gemm_portable.cpp), an AVX2 (gemm_avx2.cpp) and an AVX-512 (gemm_avx512.cpp) version, all in
+// the packed layouts and number formats below (panels decoded by one set work with any other):
 //   * convert: an e4m3 -> fp32 row decoder (exact, NaN kept), used to pack operands;
 //   * pack_b:  decodes rows of B straight into K-interleaved kNr-column panels;
 //   * micro:   a register-blocked kMr x kNr FP32 micro-kernel (A rows x a B panel) that walks every
@@ -79,6 +80,17 @@ using GemvPackAFn = void (*)(const uint8_t* src, int64_t k, float* dst);
 using GemvFn = void (*)(const float* a, int64_t lda, const float* sa, int64_t ldsa, int mr, const uint8_t* const* b,
                         const float* const* sb, int64_t k, float* out, int64_t ldo);
 
+// A vector kernel set's GEMV tile for a fixed count of A rows: GemvFn without mr.
+using GemvTileFn = void (*)(const float* a, int64_t lda, const float* sa, int64_t ldsa, const uint8_t* const* b,
+                            const float* const* sb, int64_t k, float* out, int64_t ldo);
+
+// The vector sets' GemvFn: runs tiles[mr - 1] (tiles for 1..kGemvMr rows) with the FPU's
+// denormals-are-zero mode off for the call, since their GEMVs decode e4m3 subnormals to fp32
+// subnormals, which DAZ (set by some libraries) would read as zero. In gemm_cpu.cpp, compiled
+// for the baseline ISA.
+void run_gemv_tile(const GemvTileFn (&tiles)[kGemvMr], const float* a, int64_t lda, const float* sa, int64_t ldsa,
+                   int mr, const uint8_t* const* b, const float* const* sb, int64_t k, float* out, int64_t ldo);
+
 struct KernelSet {
   ConvertFn convert;
   PackFn pack_b;
@@ -89,6 +101,9 @@ struct KernelSet {
 
 KernelSet portable_kernels();  // gemm_portable.cpp
 KernelSet avx2_kernels();      // gemm_avx2.cpp; call only when the CPU has AVX2, FMA and F16C
+// gemm_avx512.cpp; call only when the CPU has AVX-512 F/BW/VL/DQ (CpuIsa::kAvx512 or above). Not
+// yet run on such a CPU: active_cpu_isa() reaches it only on an explicit opt-in (cpu_features.cpp).
+KernelSet avx512_kernels();
 
 }  // namespace gemm
 }  // namespace dsv3

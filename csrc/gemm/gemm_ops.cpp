@@ -35,6 +35,9 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   //   (exact; zeros past N). Scales are not folded in: sb is applied at promotion as always.
   //   fp8_gemm_nt_prepacked_out: fp8_gemm_nt_out plus b_panels = fp8_prepack_b(b) (b is still
   //   passed: the GEMV path, M <= 16, streams the FP8 bytes, half the bytes of BF16).
+  //   A grouped b [G, N, K] (MoE experts) packs to [G, ceil(N/16), K, 16], each group on its own;
+  //   m_grouped_fp8_gemm_nt_{contiguous,masked}_prepacked_out are the grouped ops plus those
+  //   b_panels (used by every group GEMM with more than 16 rows).
   m.def("fp8_prepack_b(Tensor b) -> Tensor");
   m.def("fp8_gemm_nt_prepacked_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor b_panels, Tensor? c, "
         "Tensor(a!) d) -> ()");
@@ -49,6 +52,10 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   m.def("m_grouped_fp8_gemm_nt_contiguous_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor m_indices, "
         "Tensor(a!) d) -> ()");
 
+  // The same with a weight packed by fp8_prepack_b(b [G, N, K]) (CPU only; see above).
+  m.def("m_grouped_fp8_gemm_nt_contiguous_prepacked_out(Tensor a, Tensor sa, Tensor b, Tensor sb, "
+        "Tensor b_panels, Tensor m_indices, Tensor(a!) d) -> ()");
+
   // Grouped GEMM with a per-group valid row count (low-latency dispatch layout):
   //   a [G, Mmax, K] e4m3; sa [G, Mmax, kb(K)] f32; b [G, N, K] e4m3;
   //   sb [G, ceil(N/128), kb(K)] (or per-row [G, N, kb(K)]) f32;
@@ -58,6 +65,10 @@ TORCH_LIBRARY_FRAGMENT(dsv3, m) {
   //   past masked_m[g] are not touched.
   m.def("m_grouped_fp8_gemm_nt_masked_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor masked_m, "
         "int expected_m, Tensor(a!) d) -> ()");
+
+  // The same with a weight packed by fp8_prepack_b(b [G, N, K]) (CPU only; see above).
+  m.def("m_grouped_fp8_gemm_nt_masked_prepacked_out(Tensor a, Tensor sa, Tensor b, Tensor sb, Tensor b_panels, "
+        "Tensor masked_m, int expected_m, Tensor(a!) d) -> ()");
 
   // Grouped GEMM with groups concatenated along the reduction (token) dimension: the weight
   // gradient of MoE experts, dW_g = dY_g^T @ X_g.
@@ -80,5 +91,7 @@ TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("fp8_gemm_nt_prepacked_out", &dsv3::fp8_gemm_nt_prepacked_out_cpu);
   m.impl("m_grouped_fp8_gemm_nt_contiguous_out", &dsv3::m_grouped_fp8_gemm_nt_contiguous_out_cpu);
   m.impl("m_grouped_fp8_gemm_nt_masked_out", &dsv3::m_grouped_fp8_gemm_nt_masked_out_cpu);
+  m.impl("m_grouped_fp8_gemm_nt_contiguous_prepacked_out", &dsv3::m_grouped_fp8_gemm_nt_contiguous_prepacked_out_cpu);
+  m.impl("m_grouped_fp8_gemm_nt_masked_prepacked_out", &dsv3::m_grouped_fp8_gemm_nt_masked_prepacked_out_cpu);
   m.impl("k_grouped_fp8_gemm_nt_contiguous_out", &dsv3::k_grouped_fp8_gemm_nt_contiguous_out_cpu);
 }
