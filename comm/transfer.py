@@ -26,6 +26,7 @@ count exchange (dispatch) or, with ``guarded``, on a header launched with the pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,7 +169,14 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
 
     steps: list[Callable[[], None]] = []
     if side_work is not None and wait_side:
-        side_work.wait()
+        try:
+            side_work.wait()
+        except BaseException:
+            # The main exchange may still read the send buffer: it goes back to the pool only
+            # once that has ended too (its own failure, if any, is secondary to this one).
+            with contextlib.suppress(Exception):
+                EventOverlap(works, (), [packed.release]).current_stream_wait()
+            raise
         unpack_side()
     elif side_work is not None:
         works.append(side_work)

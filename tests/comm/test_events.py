@@ -142,3 +142,24 @@ def test_an_interrupted_wait_keeps_the_buffer_held() -> None:
     assert log == ["wait header"]
     assert _held(buf)
     release()  # hand the slot back by hand, for the tests that follow
+
+
+def test_a_failed_side_wait_in_move_returns_the_send_buffer_after_the_main_exchange(monkeypatch) -> None:
+    """A dispatch waits for its small side message at once (wait_side): if that wait raises, the
+    main exchange, still reading the pooled send buffer, is waited for before the buffer goes back."""
+    log: list[str] = []
+    error = RuntimeError(f"side message lost ({torch.randint(0, 1000, ()).item()})")
+    works = [FakeWork("side", log, error), FakeWork("main", log)]
+    monkeypatch.setattr(transfer, "_launch", lambda exchanges, *args: ([], works, None))
+    rows, width = 4, NBYTES // 4 // 2  # main rows big enough for the pool
+    x = torch.randn(rows, width, dtype=torch.bfloat16)
+    idx = torch.zeros(rows, 1, dtype=torch.int64)
+    in_rank = torch.ones(rows, 1, dtype=torch.bool)
+    packed = transfer.pack([x], in_rank, (rows,), idx, torch.rand(rows, 1), 1)
+    released, real_release = [], packed.release
+    monkeypatch.setattr(packed, "release", lambda: (log.append("release"), released.append(True), real_release()))
+    with pytest.raises(RuntimeError) as raised:
+        transfer.move([x], in_rank, (rows,), (rows,), idx, torch.rand(rows, 1), 1, False, None, wait_side=True,
+                      packed=packed)
+    assert raised.value is error
+    assert log == ["wait side", "wait main", "release"] and released == [True]
