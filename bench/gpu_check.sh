@@ -3,22 +3,23 @@
 # (`pytest tests -m cuda`) and EVERY CUDA benchmark (`pytest bench -m cuda`: casts, GEMMs against
 # torch._scaled_mm and BF16 matmul, the GPU's matmul and copy ceilings, the 1B-class MFU preset
 # launch/configs/bench_gpu.toml), render the benchmark report, run the CPU GEMM tests on the
-# AVX-512 kernels where the host CPU has AVX-512 (not yet verified elsewhere: this is where they
-# first run), and write one summary file.
+# AVX-512 kernels where the host CPU has AVX-512, and again on the AMX-BF16 kernels where it has
+# AMX (neither yet verified elsewhere: this is where they first run), and write one summary file.
 #
 #   bash bench/gpu_check.sh [--dry-run] [OUT_DIR]
 #
 # OUT_DIR defaults to bench/results/gpu-<gpu name>-<date>/. The results file to read and commit
 # is OUT_DIR/gpu_check.md (machine, build, test and benchmark outcome, ratio table); beside it:
 # report.md + PNGs (python -m bench.report), cuda_bench.json, cuda_tests.xml, cuda_bench.xml,
-# cpu_avx512_tests.xml (when the host has AVX-512), gpu_check.log, build.log.
+# cpu_avx512_tests.xml (when the host has AVX-512), cpu_amx_tests.xml (when it has AMX),
+# gpu_check.log, build.log.
 #
 # Made for the device machine's own python3 (3.12) and torch (2.11, CUDA 13) with no installs:
 # pytest, pytest-benchmark, pytest-timeout, ninja and pybind11 are there (matplotlib may not be:
 # the report then has tables only). Budget: about 5 minutes with the build; each step has a hard
 # cap (build 240 s, tests 180 s, benchmarks 180 s, report 120 s, the host CPU's AVX-512 tests
-# 90 s), so a run ends within about 13 minutes whatever happens; a normal run fits a rerun in a
-# 15-minute lease.
+# 60 s and AMX tests 60 s), so a run ends within about 14 minutes whatever happens; a normal run
+# fits a rerun in a 15-minute lease.
 #
 # --dry-run skips what needs a GPU (nvidia-smi, the CUDA build, the ops._C CUDA check) and runs
 # everything else as is, on the machine's existing build: the CUDA tests and benchmarks are
@@ -92,26 +93,35 @@ else
   echo "no benchmark ran: no report"
 fi
 
-step "host CPU: the AVX-512 GEMM kernels (opt-in until verified on such a CPU)"
+step "host CPU: the AVX-512 and AMX GEMM kernels (opt-in until verified on such a CPU)"
 # ops.cpu_isa() stops at AVX2 by default (kHighestVerifiedIsa, csrc/common/cpu_features.cpp): the
 # AVX-512 kernels were written on an AVX2-only machine. Where this host has AVX-512, the CPU GEMM
-# tests run with DSV3_CPU_ISA=avx512 (every GEMM then uses them, also after a test restores "auto").
+# tests run with DSV3_CPU_ISA=avx512 (every GEMM then uses them, also after a test restores "auto");
+# where it has AMX, the same tests run again with DSV3_CPU_ISA=amx (the packed GEMMs, M > 16, then
+# run on AMX-BF16 tiles; GEMVs and pre-packed weights stay on AVX-512).
 cpu_model=$(lscpu 2>/dev/null | sed -nE 's/^Model name:[[:space:]]*//p' | head -1)
 cpu_flags=$(lscpu 2>/dev/null | sed -nE 's/^Flags:[[:space:]]*//p' | tr ' ' '\n' | grep -E '^(avx512|amx)' | tr '\n' ' ')
 cpu_isa=$(timeout 30 $py -c "import ops; print(ops.detected_cpu_isa())" 2>/dev/null | tail -1)
 echo "CPU: ${cpu_model:-unknown}"
 echo "AVX-512/AMX flags: ${cpu_flags:-none}"
 echo "ops.detected_cpu_isa(): ${cpu_isa:-unknown}"
+cpu_tests=(tests/ops -k "(gemm or cpu_isa) and not emulated" -m "not slow and not cuda" -q -p no:cacheprovider -rs
+  --timeout=50)
 case "$cpu_isa" in
   avx512 | amx)
-    run cpu_avx512 90 env DSV3_CPU_ISA=avx512 $py -m pytest tests/ops -k "(gemm or cpu_isa) and not emulated" \
-      -m "not slow and not cuda" -q -p no:cacheprovider -rs --timeout=60 --junitxml="$out/cpu_avx512_tests.xml"
+    run cpu_avx512 60 env DSV3_CPU_ISA=avx512 $py -m pytest "${cpu_tests[@]}" --junitxml="$out/cpu_avx512_tests.xml"
     ;;
   *)
     cpu_avx512_note="skipped: ops.detected_cpu_isa() is '${cpu_isa:-unknown}', not avx512 or amx (no AVX-512 on this CPU)"
     echo "$cpu_avx512_note"
     ;;
 esac
+if [ "$cpu_isa" = amx ]; then
+  run cpu_amx 60 env DSV3_CPU_ISA=amx $py -m pytest "${cpu_tests[@]}" --junitxml="$out/cpu_amx_tests.xml"
+else
+  cpu_amx_note="skipped: ops.detected_cpu_isa() is '${cpu_isa:-unknown}', not amx (no AMX, or the OS refused it)"
+  echo "$cpu_amx_note"
+fi
 
 # the one results file: outcome of every step, the tests' and benchmarks' summaries, the ratios
 tally() {  # tests / failures / errors / skipped of a junit file
@@ -131,7 +141,7 @@ PY
   echo
   echo "| step | exit status |"
   echo "|---|---|"
-  for k in build import tests bench report cpu_avx512; do
+  for k in build import tests bench report cpu_avx512 cpu_amx; do
     [ -n "${outcome[$k]+x}" ] && echo "| $k | ${outcome[$k]}$([ "${outcome[$k]}" = 124 ] && echo ' (time cap)') |"
   done
   echo
@@ -145,6 +155,12 @@ PY
     echo "CPU GEMM tests on the AVX-512 kernels (DSV3_CPU_ISA=avx512): $(tally "$out/cpu_avx512_tests.xml")"
   else
     echo "CPU GEMM tests on the AVX-512 kernels: $cpu_avx512_note"
+  fi
+  echo
+  if [ -n "${outcome[cpu_amx]+x}" ]; then
+    echo "CPU GEMM tests on the AMX-BF16 kernels (DSV3_CPU_ISA=amx): $(tally "$out/cpu_amx_tests.xml")"
+  else
+    echo "CPU GEMM tests on the AMX-BF16 kernels: $cpu_amx_note"
   fi
   echo
   [ -s "$out/report.md" ] && echo "Benchmark report: [report.md](report.md)" && echo

@@ -15,10 +15,11 @@ namespace {
 
 // The highest instruction set whose kernels have run and passed the tests on a real CPU. "auto"
 // (the default) stops here even where the CPU has more: the AVX-512 kernels (gemm_avx512.cpp)
-// were written and compiled on an AVX2-only machine and have only run under emulation, so they
-// are used only when asked for by name (set_cpu_isa("avx512") or DSV3_CPU_ISA=avx512; still
-// capped by what the CPU has). Raise it once `DSV3_CPU_ISA=avx512 pytest tests/ops -k gemm`
-// passes on an AVX-512 CPU (bench/gpu_check.sh runs that on the GPU machine's host).
+// and the AMX-BF16 kernels (gemm_amx.cpp) were written and compiled on an AVX2-only machine and
+// have only run under emulation, so they are used only when asked for by name
+// (set_cpu_isa("avx512" or "amx") or DSV3_CPU_ISA=avx512 / amx; still capped by what the CPU
+// has). Raise it once `DSV3_CPU_ISA=avx512 pytest tests/ops -k gemm` (then amx) passes on such a
+// CPU (bench/gpu_check.sh runs both on the GPU machine's host).
 constexpr CpuIsa kHighestVerifiedIsa = CpuIsa::kAvx2;
 
 #if defined(__x86_64__)

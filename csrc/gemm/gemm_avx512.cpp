@@ -2,8 +2,9 @@
 // (gemm_kernels.h), in the same packed layouts and number formats as the AVX2 set: a kNr = 16
 // panel row is exactly one zmm, 16 e4m3 bytes decode with one vcvtph2ps zmm, and K tails are
 // read with masked loads (no scalar loops, no reads past the end). The target pragma covers only
-// this file and comes after every #include, so header code (inline functions, templates
-// instantiated elsewhere) is never compiled for AVX-512; gemm_cpu.cpp calls these only when
+// this file and comes after every library #include (only our gemm_avx512_inline.h follows it),
+// so header code (inline functions, templates instantiated elsewhere) is never compiled for
+// AVX-512; gemm_cpu.cpp calls these only when
 // active_cpu_isa() allows, which needs an explicit opt-in until they have run on such a CPU
 // (kHighestVerifiedIsa in common/cpu_features.cpp).
 //
@@ -31,25 +32,11 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 
+#include "gemm_avx512_inline.h"  // after the pragma: its helpers are compiled for this target
+
 namespace dsv3 {
 namespace gemm {
 namespace {
-
-// The low n bits set (0 < n < 16): the lanes of a 16-element tail.
-inline __mmask16 low_lanes16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// 16 e4m3 bytes -> 16 fp32 equal to the e4m3 values / 256, exact, NaN kept: the 4 exponent and
-// 3 mantissa bits move into fp16's fields (fp16's larger bias divides by 2^8, subnormals
-// included), the NaN code S.1111.111 gets fp16 exponent 31 with a non-zero mantissa; vcvtph2ps
-// widens to fp32 exactly. (The bit moves of gemm_avx2.cpp's e4m3x16_to_f16.)
-inline __m512 e4m3x16_to_f32(__m128i bytes) {
-  const __m256i x = _mm256_cvtepu8_epi16(bytes);
-  const __m256i mag = _mm256_and_si256(x, _mm256_set1_epi16(0x7F));
-  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x80)), 8);
-  const __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, _mm256_set1_epi16(0x7F));
-  const __m256i h = _mm256_or_si256(sign, _mm256_slli_epi16(mag, 7));
-  return _mm512_cvtph_ps(_mm256_or_si256(h, _mm256_maskz_mov_epi16(nan, _mm256_set1_epi16(0x7E00))));
-}
 
 void convert_avx512(const uint8_t* src, int64_t n, float* dst) {
   int64_t i = 0;
@@ -58,37 +45,6 @@ void convert_avx512(const uint8_t* src, int64_t n, float* dst) {
   if (i < n) {  // the tail: masked load (zeros past n, no read past it) and masked store
     const __mmask16 m = low_lanes16(n - i);
     _mm512_mask_storeu_ps(dst + i, m, e4m3x16_to_f32(_mm_maskz_loadu_epi8(m, src + i)));
-  }
-}
-
-// In-register transpose of 16 x 16 floats: pairs interleaved (unpack), 4 x 4 blocks within each
-// 128-bit lane (shuffle_ps), then 128-bit lanes across registers in two rounds (shuffle_f32x4).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // per lane: a0 b0 a1 b1
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // per lane: a2 b2 a3 b3
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {  // per lane: column 0..3 of rows i..i+3
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  // r[4q + c] holds, in lane L, rows 4q..4q+3 of column 4L + c.
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {
-    t[c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88);       // columns c, c+8 of rows 0..7
-    t[4 + c] = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);   // columns c+4, c+12 of rows 0..7
-    t[8 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);  // the same of rows 8..15
-    t[12 + c] = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
-  }
-#pragma GCC unroll 8
-  for (int c = 0; c < 8; ++c) {
-    r[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);      // column c
-    r[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD);  // column c + 8
   }
 }
 
@@ -128,11 +84,7 @@ void micro_avx512(const float* ap, int64_t lda, const float* bp, int64_t k0, int
     const int64_t kb = b0 / kBlockK;
     const __m512 bs = _mm512_loadu_ps(bsc + kb * kNr);
 #pragma GCC unroll 6
-    for (int i = 0; i < kMr; ++i) {
-      const __m512 s = _mm512_set1_ps(asc[kb * kMr + i]);
-      float* ci = c + i * ldc;
-      _mm512_storeu_ps(ci, _mm512_fmadd_ps(acc[i], _mm512_mul_ps(s, bs), _mm512_loadu_ps(ci)));
-    }
+    for (int i = 0; i < kMr; ++i) promote16(c + i * ldc, acc[i], asc[kb * kMr + i], bs);
   }
 }
 

@@ -1,7 +1,7 @@
 // CPU FP8 GEMM driver: one blocked, multi-threaded GEMM with DeepSeek-V3's FP32 promotion per
 // 128-K block, and the ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
 //
-// Two paths, sharing the building blocks of gemm_kernels.h (portable or AVX2 by cpuid):
+// Two paths, sharing the building blocks of gemm_kernels.h (portable, AVX2 or AVX-512 by cpuid):
 //   * packed (M > kGemvMaxM, compute-bound): B, one slab of kSlabN columns at a time, is decoded
 //     (value / 256) into K-interleaved fp32 panels of kNr columns (8 x 8 register transposes).
 //     A task is a kTileM-row tile of A against one or more kTileN-column tiles of the slab; its
@@ -16,6 +16,9 @@
 //   * GEMV (M <= kGemvMaxM, memory-bound): A is packed once (gemv_pack_a); tasks stream groups of
 //     kGemvRows B rows, each 32-byte vector decoded in registers once per kGemvMr rows of A
 //     (B's bytes are read from memory once: half the bytes of a BF16 weight).
+// Where active_cpu_isa() reaches AMX, the packed path runs on AMX-BF16 tiles instead
+// (run_packed_amx: gemm_amx_driver.h, gemm_amx.cpp), except with pre-packed weights, whose fp32
+// panels stay on the AVX-512 micro-kernels.
 // The FP32 totals (+ C) are rounded once to d's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "../common/cpu_features.h"
+#include "gemm_amx_driver.h"
 #include "gemm_cpu.h"
 #include "gemm_kernels.h"
 
@@ -246,6 +250,18 @@ void run_gemv(const GemmArgs& g, const KernelSet& ks) {
   });
 }
 
+// The packed GEMM on AMX-BF16 tiles (gemm_amx_driver.h: blocking; gemm_amx.cpp: kernels), on
+// torch's thread pool.
+void run_packed_amx(const GemmArgs& g) {
+  const auto scale_a = [&](int64_t i, int64_t kb) { return g.sa[i * g.ldsa + kb]; };
+  const auto scale_b = [&](int64_t j, int64_t kb) { return g.sb_row(j)[kb]; };
+  const auto parallel = [](int64_t tasks, const auto& fn) {
+    parallel_tasks(tasks, 0, [&](int64_t t, float*) { fn(t); });
+  };
+  run_amx_gemm(amx_kernels(), g.m, g.n, g.k, g.a, g.lda, g.b, g.ldb, scale_a, scale_b, parallel,
+               [&](int64_t i, int64_t j, float v) { store(g, i, j, v); });
+}
+
 void run_gemm(const GemmArgs& g) {
   if (g.m == 0 || g.n == 0) return;
   if (g.k == 0) {
@@ -258,6 +274,8 @@ void run_gemm(const GemmArgs& g) {
   const KernelSet ks = active_kernels();
   if (g.m <= kGemvMaxM)
     run_gemv(g, ks);
+  else if (active_cpu_isa() >= CpuIsa::kAmx && !g.b_panels)  // pre-packed fp32 panels: AVX-512 micro-kernels
+    run_packed_amx(g);
   else
     run_packed(g, ks);
 }

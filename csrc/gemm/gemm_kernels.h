@@ -105,5 +105,46 @@ KernelSet avx2_kernels();      // gemm_avx2.cpp; call only when the CPU has AVX2
 // yet run on such a CPU: active_cpu_isa() reaches it only on an explicit opt-in (cpu_features.cpp).
 KernelSet avx512_kernels();
 
+// ---- The AMX-BF16 path (gemm_amx.cpp; CpuIsa::kAmx) for the packed GEMM ----
+// e4m3 -> bf16 is exact (3 mantissa bits; bf16 has fp32's exponent range), so A and B are decoded
+// to bf16 in the number format above (value / 256) and multiplied by TDPBF16PS into FP32 tiles,
+// zeroed per 128-K block and promoted into an FP32 C accumulator with sa[m, kb] * sb[n, kb]
+// (bsc including kDecodeScale, as for micro). K is zero padded to a multiple of kAmxK: zero bytes
+// decode to +0, so the padding adds nothing.
+constexpr int64_t kAmxK = 32;  // K per tile step: a tile row is 32 bf16 = 64 bytes
+constexpr int kAmxPanelN = 16;  // columns of a B panel (a tile's 16 fp32 outputs per row)
+constexpr int kAmxMr = 32;      // rows of A per amx tile call (two 16-row tiles)
+constexpr int kAmxNr = 2 * kAmxPanelN;  // columns per amx tile call (two B panels)
+
+// Writes one FP8 row of A (k bytes) as round_up(k, kAmxK) bf16 bit patterns: e4m3(src[kk]) / 256
+// (NaN kept), zeros past k.
+using AmxDecodeRowFn = void (*)(const uint8_t* src, int64_t k, uint16_t* dst);
+// Decodes `rows` <= kAmxPanelN rows of B (row r at src + r * ld, k bytes) into one panel in
+// TDPBF16PS's B layout (K pairs interleaved, "VNNI"): for kk < round_up(k, kAmxK),
+// dst[(kk / 2) * 2 * kAmxPanelN + 2 * r + kk % 2] = e4m3(src[r][kk]) / 256 as bf16, zeros for
+// kk >= k and r >= rows. (A 16-row tile of it is 16 K pairs x 16 columns, 64 bytes a row.)
+using AmxPackBFn = void (*)(const uint8_t* src, int64_t ld, int rows, int64_t k, uint16_t* dst);
+// One kAmxMr x kAmxNr tile over all of K:
+//   a: bf16 rows of A from amx decode_row, row i at a + i * lda (i < kAmxMr);
+//   b: two B panels from amx pack_b, at b and b + ldb;
+//   asc[kb * kAmxMr + i], bsc[kb * kAmxNr + j]: the scales per K block (bsc includes
+//   kDecodeScale);
+//   c[i * ldc + j] += sum_kb (sum_{k in block kb} a(i, k) * b(k, j)) * (asc[kb, i] * bsc[kb, j]),
+//   the inner sum in FP32 AMX tiles, promoted once per block.
+// Loads its tile configuration and releases the tiles itself: any thread may call it.
+using AmxTileFn = void (*)(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, int64_t k,
+                           const float* asc, const float* bsc, float* c, int64_t ldc);
+
+struct AmxKernelSet {
+  AmxDecodeRowFn decode_row;
+  AmxPackBFn pack_b;
+  AmxTileFn tile;
+};
+
+// gemm_amx.cpp; call only when active_cpu_isa() >= CpuIsa::kAmx (AMX-TILE, AMX-BF16, AVX-512 and
+// the OS's permission for tile data). Not yet run on such a CPU: reached only on an explicit
+// opt-in (cpu_features.cpp).
+AmxKernelSet amx_kernels();
+
 }  // namespace gemm
 }  // namespace dsv3

@@ -1,7 +1,7 @@
 """The CPU instruction set choice (csrc/common/cpu_features.cpp, ops.set_cpu_isa): a name caps it
 (also above the verified level: an explicit opt-in), the CPU caps it further, and "auto" is the
 start-up default: DSV3_CPU_ISA's value, else the highest instruction set verified on a real CPU
-(AVX2: the AVX-512 kernels have not yet run on an AVX-512 CPU)."""
+(AVX2: the AVX-512 and AMX kernels have not yet run on such a CPU)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,23 @@ def test_avx512_packed_path_gives_the_avx2_bits(m: int, n: int, k: int) -> None:
         ops.set_cpu_isa("auto")
     check(out["avx512"], ref_nt(a, sa, b, sb))
     assert torch.equal(out["avx512"], out["avx2"])
+
+
+@pytest.mark.skipif(ops.detected_cpu_isa() != "amx", reason="this CPU has no AMX")
+@pytest.mark.parametrize("m,n,k", [(130, 300, 700), (17, 1408, 300), (101, 530, 385), (64, 64, 128)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_amx_packed_path_agrees_with_the_reference_and_avx512(m: int, n: int, k: int, out_dtype: torch.dtype) -> None:
+    # The AMX path (M > 16) multiplies the same exact values (e4m3 -> bf16 is exact) and sums each
+    # 128-K block in FP32 tiles: within the GEMM tolerance of float64, and within FP32 rounding of
+    # the AVX-512 path (the hardware's order of additions inside TDPBF16PS is not pinned down).
+    (a, sa), (b, sb) = lhs(m, k), rhs(n, k)
+    out = {}
+    try:
+        for isa in ("avx512", "amx"):
+            assert ops.set_cpu_isa(isa) == isa
+            out[isa] = poisoned(m, n, dtype=out_dtype)
+            ops.fp8_gemm_nt((a, sa), (b, sb), out[isa])
+    finally:
+        ops.set_cpu_isa("auto")
+    check(out["amx"], ref_nt(a, sa, b, sb))
+    assert ops.calc_diff(out["amx"], out["avx512"]) < (1e-9 if out_dtype == torch.float32 else 1e-5)

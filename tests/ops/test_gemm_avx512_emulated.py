@@ -28,34 +28,47 @@ def simde_found() -> bool:
     return any(d and (Path(d) / "simde" / "x86" / "avx512.h").is_file() for d in dirs)
 
 
-@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
-@pytest.mark.skipif(not simde_found(), reason="needs SIMDe's headers (apt-get install libsimde-dev)")
-@pytest.mark.skipif(ops.detected_cpu_isa() == "portable", reason="compares with the AVX2 kernels: needs AVX2")
-def test_avx512_kernels_match_portable_and_avx2_under_emulation(tmp_path: Path, fresh_seed: int) -> None:
-    source = (GEMM / "gemm_avx512.cpp").read_text().splitlines(keepends=True)
-    pragmas = [line for line in source if line.startswith("#pragma GCC target")]
-    assert len(pragmas) == 1, pragmas  # the one line that would let the compiler emit AVX-512
-    emulated = tmp_path / "gemm_avx512_emulated.cpp"
-    emulated.write_text("".join(line for line in source if line not in pragmas))
+def without_target_pragma(source: Path, tmp_path: Path) -> Path:
+    """A copy of a kernel file without its one `#pragma GCC target` line (the line that would let
+    the compiler emit the instructions this CPU may lack), to compile against an emulating
+    immintrin.h."""
+    lines = source.read_text().splitlines(keepends=True)
+    pragmas = [line for line in lines if line.startswith("#pragma GCC target")]
+    assert len(pragmas) == 1, pragmas
+    copy = tmp_path / f"{source.stem}_emulated.cpp"
+    copy.write_text("".join(line for line in lines if line not in pragmas))
+    return copy
 
-    flags = [CXX, "-std=c++17", "-O2", "-Wno-psabi", "-c"]
-    units = {
-        "avx512": [*flags, f"-I{EMULATION}", f"-I{GEMM}", str(emulated)],  # EMULATION's immintrin.h first
-        "avx2": [*flags, str(GEMM / "gemm_avx2.cpp")],
-        "portable": [*flags, str(GEMM / "gemm_portable.cpp")],
-        "gemv_tile": [*flags, str(GEMM / "gemv_tile.cpp")],
-        "harness": [*flags, f"-I{GEMM}", str(EMULATION / "harness.cpp")],
-    }
+
+def build_and_run(units: dict[str, list[str]], tmp_path: Path, seed: int) -> None:
+    """Compiles each unit (compiler arguments, -c implied) side by side, links them into a
+    harness, runs it with `seed` and requires it to report "all passed"."""
+    flags = [CXX, "-std=c++17", "-O2", "-Wno-psabi", "-pthread", "-c"]
     compiles = {
-        name: subprocess.Popen([*cmd, "-o", str(tmp_path / f"{name}.o")], stderr=subprocess.PIPE, text=True)
-        for name, cmd in units.items()
+        name: subprocess.Popen([*flags, *args, "-o", str(tmp_path / f"{name}.o")], stderr=subprocess.PIPE, text=True)
+        for name, args in units.items()
     }
     for name, proc in compiles.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"compiling {name}:\n{err}"
     exe = tmp_path / "harness"
-    subprocess.run([CXX, *(str(tmp_path / f"{n}.o") for n in units), "-o", str(exe)], check=True, timeout=120)
-
-    run = subprocess.run([str(exe), str(fresh_seed)], capture_output=True, text=True, timeout=120)
+    objects = [str(tmp_path / f"{name}.o") for name in units]
+    subprocess.run([CXX, "-pthread", *objects, "-o", str(exe)], check=True, timeout=120)
+    run = subprocess.run([str(exe), str(seed)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all passed" in run.stdout
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+@pytest.mark.skipif(not simde_found(), reason="needs SIMDe's headers (apt-get install libsimde-dev)")
+@pytest.mark.skipif(ops.detected_cpu_isa() == "portable", reason="compares with the AVX2 kernels: needs AVX2")
+def test_avx512_kernels_match_portable_and_avx2_under_emulation(tmp_path: Path, fresh_seed: int) -> None:
+    emulated = without_target_pragma(GEMM / "gemm_avx512.cpp", tmp_path)
+    units = {
+        "avx512": [f"-I{EMULATION}", f"-I{GEMM}", str(emulated)],  # EMULATION's immintrin.h first
+        "avx2": [str(GEMM / "gemm_avx2.cpp")],
+        "portable": [str(GEMM / "gemm_portable.cpp")],
+        "gemv_tile": [str(GEMM / "gemv_tile.cpp")],
+        "harness": [f"-I{GEMM}", str(EMULATION / "harness.cpp")],
+    }
+    build_and_run(units, tmp_path, fresh_seed)

@@ -16,43 +16,17 @@
 #include <random>
 #include <vector>
 
+#include "harness_common.h"
 #include "gemm_kernels.h"
 
 using namespace dsv3::gemm;
+using harness::random_bytes;
+using harness::random_scale;
+using harness::rng;
 
 namespace {
 
-std::mt19937_64 rng;
-int failures = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond) && failures++ < 20) {                      \
-      std::printf("FAIL line %d: ", __LINE__);             \
-      std::printf(__VA_ARGS__);                            \
-      std::printf("\n");                                   \
-    }                                                      \
-  } while (0)
-
 constexpr float kCanary = 12345.678f;
-
-uint8_t random_byte(bool allow_nan) {
-  for (;;) {
-    const uint8_t v = static_cast<uint8_t>(rng() & 0xFF);
-    if (allow_nan || !is_e4m3_nan(v)) return v;
-  }
-}
-
-std::vector<uint8_t> random_bytes(size_t n, bool allow_nan) {
-  std::vector<uint8_t> v(n);
-  for (auto& x : v) x = random_byte(allow_nan);
-  return v;
-}
-
-// A positive scale with a random mantissa, 2^lo_exp .. 2^(lo_exp + range).
-float random_scale(int lo_exp, int range) {
-  return std::ldexp(1.0f + static_cast<float>(rng() % 1000) / 1000.0f, lo_exp + static_cast<int>(rng() % range));
-}
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 bool same_value(float a, float b) { return (std::isnan(a) && std::isnan(b)) || same_bits(a, b); }
@@ -199,16 +173,11 @@ void check_gemv(const KernelSet& decode, const KernelSet& ks) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::fprintf(stderr, "usage: %s SEED\n", argv[0]);
-    return 2;
-  }
-  rng.seed(std::strtoull(argv[1], nullptr, 10));
+  if (!harness::seed_from_args(argc, argv)) return 2;
   const KernelSet portable = portable_kernels(), avx2 = avx2_kernels(), avx512 = avx512_kernels();
   check_convert(portable, avx512);
   check_pack_b(portable, avx512);
   check_micro(portable, avx2, avx512);
   check_gemv(portable, avx512);
-  std::printf("%s (%d failures)\n", failures ? "FAILED" : "all passed", failures);
-  return failures ? 1 : 0;
+  return harness::report();
 }
