@@ -9,6 +9,7 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.precision import Linear
+from model.swiglu import grouped_swiglu
 
 
 class RMSNorm(nn.Module):
@@ -56,4 +57,9 @@ class MLP(nn.Module):
         self.w3 = make_linear(dim, inter_dim, args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if isinstance(self.w1, FP8Linear):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # BF16/FP32: the grouped SwiGLU with one group (one autograd node, x upcast once for BF16)
+        w1, w2, w3 = self.w1.weight, self.w2.weight, self.w3.weight
+        y = grouped_swiglu(x.reshape(-1, x.shape[-1]), w1[None], w2[None], w3[None], [x[..., 0].numel()])
+        return y.view(x.shape)

@@ -13,7 +13,7 @@ from torch import nn
 from model import router
 from model.args import ModelArgs
 from model.layers import MLP
-from model.precision import linear
+from model.swiglu import grouped_swiglu
 
 
 class Gate(nn.Module):
@@ -40,7 +40,9 @@ class Gate(nn.Module):
 class GroupedExperts(nn.Module):
     """`n_local` SwiGLU experts with stacked weights w1/w3 [E, inter, dim] and w2 [E, dim, inter],
     applied to tokens already sorted by expert: one GEMM per non-empty expert segment, no
-    per-expert gathers (the gather happens once, in the sort)."""
+    per-expert gathers (the gather happens once, in the sort). BF16/FP32 through
+    `model.swiglu.grouped_swiglu` (one autograd node; outputs and gradients written in place),
+    FP8 through `model.fp8.grouped_swiglu_fp8`."""
 
     def __init__(self, n_local: int, args: ModelArgs) -> None:
         super().__init__()
@@ -57,14 +59,7 @@ class GroupedExperts(nn.Module):
             from model.fp8 import grouped_swiglu_fp8
 
             return grouped_swiglu_fp8(x, self.w1, self.w2, self.w3, counts)
-        outs = []
-        # unbind, not w1[e]: indexing's backward would build a zero-filled [E, inter, dim]
-        # gradient per expert and sum them (measured: a tenth of the debug model's fwd+bwd)
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
-        for e, xe in enumerate(torch.split(x, counts)):
-            if counts[e]:
-                outs.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))
-        return torch.cat(outs) if outs else x[:0]  # no local token: an empty [0, dim]
+        return grouped_swiglu(x, self.w1, self.w2, self.w3, counts)
 
 
 def sort_by_expert(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -126,9 +121,11 @@ class MoE(nn.Module):
         """Routed experts on this process for x [T, dim] with topk_idx LOCAL to this module's
         experts (-1 = elsewhere): sort once, grouped GEMMs, weight, scatter-add back."""
         order, token_ids, counts = sort_by_expert(topk_idx, self.n_local)
-        h = self.experts(x[token_ids], counts)  # [N, dim]
+        # index_select, not x[token_ids]: its backward is an index_add, not an accumulating index_put
+        h = self.experts(x.index_select(0, token_ids), counts)  # [N, dim]
         h = h * weights.flatten()[order].unsqueeze(1).to(h.dtype)
-        return torch.zeros(x.shape, dtype=h.dtype, device=x.device).index_add(0, token_ids, h)  # h: bf16 under autocast
+        # in place into fresh zeros (the out-of-place form would copy them once more)
+        return torch.zeros(x.shape, dtype=h.dtype, device=x.device).index_add_(0, token_ids, h)
 
     @torch.no_grad()
     def take_expert_load(self) -> torch.Tensor:

@@ -117,3 +117,42 @@ def test_fp8_training_tracks_bf16() -> None:
     assert max(bf16) < 1.0, bf16  # each learned (ln 256 = 5.5 at the start, ln 2 = 0.69 the floor)
     mean_bf16, mean_fp8 = sum(bf16) / 3, sum(fp8) / 3
     assert abs(mean_fp8 - mean_bf16) / mean_bf16 < 0.01, (seeds, fp8, bf16)
+
+
+@pytest.mark.parametrize("inter", [128, 96])
+def test_grouped_swiglu_fp8_fuses_gate_and_up_only_when_blocks_do_not_straddle(inter: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """inter % 128 == 0: one grouped FP8 linear for [w1; w3] (2 calls in all), with the FP8 values
+    of the separate linears, so outputs and gradients equal the unfused formulation up to FP32
+    summation order; otherwise three calls, exactly the unfused formulation."""
+    import ops
+    from model.fp8 import grouped_swiglu_fp8
+    from tests.harness.tensors import randn
+
+    counts = [5, 0, 17, 9]
+    n, dim = sum(counts), 256
+    x = randn(n, dim)
+    ws = [randn(4, inter, dim, scale=0.1), randn(4, dim, inter, scale=0.1), randn(4, inter, dim, scale=0.1)]
+    gy = randn(n, dim)
+    calls = []
+    real = ops.grouped_fp8_linear
+
+    def counting(*a):
+        calls.append(a[1].shape)
+        return real(*a)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, *ws)]
+        y = fn(leaves[0], *leaves[1:], counts)
+        y.backward(gy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    def unfused(x, w1, w2, w3, counts):
+        return real(torch.nn.functional.silu(real(x, w1, counts)) * real(x, w3, counts), w2, counts)
+
+    monkeypatch.setattr(ops, "grouped_fp8_linear", counting)
+    got = run(grouped_swiglu_fp8)
+    assert len(calls) == (2 if inter % 128 == 0 else 3)
+    ref = run(unfused)
+    for name, g, r in zip(["y", "x", "w1", "w2", "w3"], got, ref, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert calc_diff(g, r) < 1e-12, name
