@@ -42,13 +42,11 @@ void run_amx_gemm(const AmxKernelSet& ks, int64_t m, int64_t n, int64_t k, const
   // The scales of every strip / column pair and K block: asc[(s * num_kb + kb) * kAmxMr + r],
   // bsc[(q * num_kb + kb) * kAmxNr + c] (zeros for padding rows and columns).
   const int64_t pairs = (n + kAmxNr - 1) / kAmxNr;
-  std::vector<float> asc(static_cast<size_t>(strips * num_kb * kAmxMr), 0.0f);
-  std::vector<float> bsc(static_cast<size_t>(pairs * num_kb * kAmxNr), 0.0f);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t kb = 0; kb < num_kb; ++kb) asc[((i / kAmxMr) * num_kb + kb) * kAmxMr + i % kAmxMr] = scale_a(i, kb);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t kb = 0; kb < num_kb; ++kb)
-      bsc[((j / kAmxNr) * num_kb + kb) * kAmxNr + j % kAmxNr] = scale_b(j, kb) * kDecodeScale;
+  std::vector<float> asc(static_cast<size_t>(strips * num_kb * kAmxMr));
+  std::vector<float> bsc(static_cast<size_t>(pairs * num_kb * kAmxNr));
+  for (int64_t s = 0; s < strips; ++s) pack_scales(s, m, num_kb, kAmxMr, asc.data(), scale_a);
+  for (int64_t q = 0; q < pairs; ++q)
+    pack_scales(q, n, num_kb, kAmxNr, bsc.data(), [&](int64_t j, int64_t kb) { return scale_b(j, kb) * kDecodeScale; });
 
   // Not zero-filled (every element read is written first): a serial memset of M x K bf16 would
   // cost a few percent of the GEMM.

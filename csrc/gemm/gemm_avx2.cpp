@@ -1,5 +1,5 @@
 // AVX2 + FMA + F16C versions of the FP8 GEMM building blocks (gemm_kernels.h). The target
-// pragma covers only this file; gemm_cpu.cpp calls these only when cpuid allows.
+// pragma covers only this file; gemm_cpu.cpp calls these only when active_cpu_isa() allows.
 #include <immintrin.h>
 
 #include <algorithm>

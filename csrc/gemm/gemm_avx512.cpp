@@ -4,9 +4,8 @@
 // read with masked loads (no scalar loops, no reads past the end). The target pragma covers only
 // this file and comes after every library #include (only our gemm_avx512_inline.h follows it),
 // so header code (inline functions, templates instantiated elsewhere) is never compiled for
-// AVX-512; gemm_cpu.cpp calls these only when
-// active_cpu_isa() allows, which needs an explicit opt-in until they have run on such a CPU
-// (kHighestVerifiedIsa in common/cpu_features.cpp).
+// AVX-512; gemm_cpu.cpp calls these only when active_cpu_isa() allows, which needs an explicit
+// opt-in until they have run on such a CPU (kHighestVerifiedIsa in common/cpu_features.cpp).
 //
 // Results against the AVX2 set: convert and pack_b decode to the same exact values; micro does
 // the same FMAs in the same order per output (one zmm per row instead of two ymm), so the packed
@@ -54,7 +53,7 @@ void pack_b_avx512(const uint8_t* src, int64_t ld, int rows, int64_t k0, int64_t
   static_assert(kNr == 16, "pack_b_avx512 is written for 16-column panels");
   for (int64_t kk = 0; kk < len; kk += 16) {
     const int64_t cols = std::min<int64_t>(16, len - kk);
-    const __mmask16 m = cols == 16 ? static_cast<__mmask16>(0xFFFF) : low_lanes16(cols);
+    const __mmask16 m = low_lanes16(cols);
     __m512 r[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)

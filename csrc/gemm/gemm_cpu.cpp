@@ -1,9 +1,10 @@
 // CPU FP8 GEMM driver: one blocked, multi-threaded GEMM with DeepSeek-V3's FP32 promotion per
 // 128-K block, and the ops of gemm_ops.cpp built on it (grouped GEMMs call it per group).
 //
-// Two paths, sharing the building blocks of gemm_kernels.h (portable, AVX2 or AVX-512 by cpuid):
+// Two paths, sharing the building blocks of gemm_kernels.h (portable, AVX2 or AVX-512, as
+// active_cpu_isa() allows: cpuid, capped by set_cpu_isa / DSV3_CPU_ISA):
 //   * packed (M > kGemvMaxM, compute-bound): B, one slab of kSlabN columns at a time, is decoded
-//     (value / 256) into K-interleaved fp32 panels of kNr columns (8 x 8 register transposes).
+//     (value / 256) into K-interleaved fp32 panels of kNr columns (register transposes).
 //     A task is a kTileM-row tile of A against one or more kTileN-column tiles of the slab; its
 //     worker decodes the tile's A rows into its own scratch (once while it stays on the tile).
 //     Per output tile it walks K in chunks of kChunkK and, for each B panel chunk (kept in L1),
@@ -14,7 +15,7 @@
 //     (per group for the grouped GEMMs' [G, N, K] weights): then no slab is decoded per call (a
 //     third of the work at M = 17, N = K = 7168). Both are made by decode_b_panels.
 //   * GEMV (M <= kGemvMaxM, memory-bound): A is packed once (gemv_pack_a); tasks stream groups of
-//     kGemvRows B rows, each 32-byte vector decoded in registers once per kGemvMr rows of A
+//     kGemvRows B rows, each vector (32 or 64 bytes) decoded in registers once per kGemvMr rows of A
 //     (B's bytes are read from memory once: half the bytes of a BF16 weight).
 // Where active_cpu_isa() reaches AMX, the packed path runs on AMX-BF16 tiles instead
 // (run_packed_amx: gemm_amx_driver.h, gemm_amx.cpp), except with pre-packed weights, whose fp32
@@ -115,17 +116,6 @@ void parallel_tasks(int64_t n, int64_t scratch_floats, const Fn& fn) {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch.data());
   });
-}
-
-// The scales of every K block of a panel of `pr` rows: scales[(p * num_kb + kb) * pr + r] =
-// scale_of(p * pr + r, kb), 0 for rows past `rows`.
-template <typename ScaleOf>
-void pack_scales(int64_t p, int64_t rows, int64_t num_kb, int pr, float* scales, ScaleOf scale_of) {
-  for (int64_t kb = 0; kb < num_kb; ++kb)
-    for (int r = 0; r < pr; ++r) {
-      const int64_t row = p * pr + r;
-      scales[(p * num_kb + kb) * pr + r] = row < rows ? scale_of(row, kb) : 0.0f;
-    }
 }
 
 // Decodes `panels` kNr-row panels of B [n, k] (row j at b + j * ldb), starting at row j0, into

@@ -91,6 +91,19 @@ using GemvTileFn = void (*)(const float* a, int64_t lda, const float* sa, int64_
 void run_gemv_tile(const GemvTileFn (&tiles)[kGemvMr], const float* a, int64_t lda, const float* sa, int64_t ldsa,
                    int mr, const uint8_t* const* b, const float* const* sb, int64_t k, float* out, int64_t ldo);
 
+// The scales of every K block of a panel of `pr` rows: scales[(p * num_kb + kb) * pr + r] =
+// scale_of(p * pr + r, kb), 0 for rows past `rows`: the asc / bsc layout micro (pr = kMr, kNr)
+// and the AMX tile (kAmxMr, kAmxNr) read. Driver code (gemm_cpu.cpp, gemm_amx_driver.h), never
+// instantiated in a kernel file, so it is only compiled for the baseline ISA.
+template <typename ScaleOf>
+void pack_scales(int64_t p, int64_t rows, int64_t num_kb, int pr, float* scales, ScaleOf scale_of) {
+  for (int64_t kb = 0; kb < num_kb; ++kb)
+    for (int r = 0; r < pr; ++r) {
+      const int64_t row = p * pr + r;
+      scales[(p * num_kb + kb) * pr + r] = row < rows ? scale_of(row, kb) : 0.0f;
+    }
+}
+
 struct KernelSet {
   ConvertFn convert;
   PackFn pack_b;
