@@ -58,6 +58,7 @@ def _payload_parts(x: object) -> list[torch.Tensor]:
 
 
 _SIGNATURE_DTYPES = (*kernels.FLOAT_DTYPES, torch.float8_e4m3fn)
+_SIGNATURE_DTYPE_NAMES = tuple(str(d) for d in _SIGNATURE_DTYPES)
 
 
 def _dispatch_signature(parts: list[torch.Tensor] | None = None, topk_idx: torch.Tensor | None = None,
@@ -70,7 +71,7 @@ def _dispatch_signature(parts: list[torch.Tensor] | None = None, topk_idx: torch
         k = topk_idx.shape[1]
     return CallSignature("dispatch", (
         SignatureField("forms of x", form, ("a tensor", "an (x_fp8, scales) pair")),
-        SignatureField("dtypes of x", dtype, tuple(str(d) for d in _SIGNATURE_DTYPES)),
+        SignatureField("dtypes of x", dtype, _SIGNATURE_DTYPE_NAMES),
         SignatureField("hidden sizes (x.shape[1])", hidden),
         SignatureField("num_experts", num_experts),
         SignatureField("top-k widths (topk_idx.shape[1])", k),
@@ -91,10 +92,11 @@ class Buffer:
             others blocked in the collective). A dispatch without a handle carries the error
             flags in its count exchange, with the arguments the ranks must pass alike (x's
             form, dtype and hidden size, num_experts, the top-k width: ranks that disagree all
-            raise CollectiveInputError, whatever this flag says); a dispatch with a handle and a combine (flat mode, sync
-            or async) carry them in a tiny header all-to-all launched together with the payload
-            (comm/guarded.py: no extra round trip); the node-limited mode exchanges the flags
-            first in synchronous calls and skips them in async ones. False: no agreement.
+            raise CollectiveInputError, whatever this flag says); a dispatch with a handle and
+            a combine (flat mode, sync or async) carry them in a tiny header all-to-all
+            launched together with the payload (comm/guarded.py: no extra round trip); the
+            node-limited mode exchanges the flags first in synchronous calls and skips them in
+            async ones. False: no agreement.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,

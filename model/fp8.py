@@ -7,8 +7,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8_BLOCK = 128  # weights quantize in 128x128 blocks, activations and gradients in 1x128 tiles
-
 
 def grouped_swiglu_fp8(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [N, dim] sorted by expert, w1/w3 [E, inter, dim], w2 [E, dim, inter], counts[e] rows per
@@ -20,11 +18,12 @@ def grouped_swiglu_fp8(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: 
     value is the one the two separate linears would use (only dX's FP32 sum is ordered
     differently). Otherwise a shared block would change the quantization: two linears."""
     from ops import grouped_fp8_linear
+    from ops.gemm import BLOCK  # 128x128 weight blocks, 1x128 activation and gradient tiles
 
     if x.dtype == torch.float64:
         raise TypeError("FP8 mode needs a float32 or bfloat16 model (dtype), not float64")
     inter = w1.shape[1]
-    if inter % FP8_BLOCK == 0:
+    if inter % BLOCK == 0:
         gate, up = grouped_fp8_linear(x, torch.cat([w1, w3], dim=1), counts).split(inter, dim=1)  # [N, inter] each
     else:
         gate, up = grouped_fp8_linear(x, w1, counts), grouped_fp8_linear(x, w3, counts)

@@ -60,6 +60,6 @@ class MLP(nn.Module):
         if isinstance(self.w1, FP8Linear):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         # BF16/FP32: the grouped SwiGLU with one group (one autograd node, x upcast once for BF16)
-        w1, w2, w3 = self.w1.weight, self.w2.weight, self.w3.weight
-        y = grouped_swiglu(x.reshape(-1, x.shape[-1]), w1[None], w2[None], w3[None], [x[..., 0].numel()])
+        rows = x.reshape(-1, x.shape[-1])
+        y = grouped_swiglu(rows, self.w1.weight[None], self.w2.weight[None], self.w3.weight[None], [rows.shape[0]])
         return y.view(x.shape)
