@@ -5,9 +5,10 @@ Targets (issue 3): at least 0.9x torch._scaled_mm, and DeepGEMM's H800 figures
 (shared/REFERENCE.md): 4096x7168x16384 about 1426 TFLOPS, 4096x4096x7168 about 1265, grouped
 contiguous 4 x 8192 rows N=4096 K=7168 about 1346, M=64 N=2112 K=7168 about 206.
 
-"ours" is the default path (mma_sync); "ours_wgmma" (role "variant") the Hopper wgmma path,
-selected with DSV3_FP8_GEMM_KERNEL=wgmma. Until a GPU run has verified wgmma, it is measured only
-after a child process has checked it on one GEMM (a fault there cannot break this process).
+"ours" is the default path (mma_sync); "ours_wgmma" and "ours_tma" (role "variant") the Hopper
+kernels, selected with DSV3_FP8_GEMM_KERNEL=wgmma / tma. Until a GPU run has verified them, each
+is measured only after a child process has checked it on one GEMM (a fault there cannot break
+this process).
 
 Timing: each measured call launches the GEMM `reps` times and then synchronizes, so launch and
 synchronization overheads stay small next to the work (`work` counts all reps); a few rounds
@@ -39,28 +40,37 @@ GROUPED = (4, 8192, 4096, 7168)  # groups, rows per group, N, K
 ROUNDS = 5
 
 
-WGMMA_CHECK = """
+HOPPER_CHECK = """
 import torch, ops
 from ops._native import native
 from ops.reference import dequantize_tiles_reference as deq
-a, sa = ops.per_token_cast_to_fp8(torch.randn(300, 1000, device="cuda"))
-b, sb = ops.per_block_cast_to_fp8(torch.randn(520, 1000, device="cuda"))
+a, sa = ops.per_token_cast_to_fp8(torch.randn(300, 1024, device="cuda"))
+b, sb = ops.per_block_cast_to_fp8(torch.randn(520, 1024, device="cuda"))
 d = torch.empty(300, 520, device="cuda")
 native.fp8_gemm_nt_out(a, sa, b, sb, None, d)
 diff = ops.calc_diff(d, deq(a, sa, 1, 128) @ deq(b, sb, 128, 128).T)
-print("wgmma calc_diff", diff)
+print("calc_diff", diff)
 raise SystemExit(0 if diff < 1e-3 else 1)
 """
 
 
 @functools.cache
-def wgmma_verified() -> str:
-    """'' when the wgmma path computes one GEMM right in a child process, else why not."""
+def hopper_kernel_fails(kernel: str) -> str:
+    """'' when the Hopper kernel computes one GEMM right in a child process, else why not."""
     if torch.cuda.get_device_capability()[0] != 9:
-        return "wgmma needs a Hopper GPU"
-    env = {**os.environ, "DSV3_FP8_GEMM_KERNEL": "wgmma"}
-    child = subprocess.run([sys.executable, "-c", WGMMA_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    return "" if child.returncode == 0 else f"wgmma check failed: {(child.stdout + child.stderr)[-500:]}"
+        return f"{kernel} needs a Hopper GPU"
+    env = {**os.environ, "DSV3_FP8_GEMM_KERNEL": kernel}
+    child = subprocess.run([sys.executable, "-c", HOPPER_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    return "" if child.returncode == 0 else f"{kernel} check failed: {(child.stdout + child.stderr)[-500:]}"
+
+
+def select_kernel(monkeypatch: pytest.MonkeyPatch, impl: str) -> str:
+    """Sets DSV3_FP8_GEMM_KERNEL for one of our impls (skips an unverifiable one); returns its role."""
+    kernel = {"ours": "mma_sync", "ours_wgmma": "wgmma", "ours_tma": "tma"}[impl]
+    if kernel != "mma_sync" and hopper_kernel_fails(kernel):
+        pytest.skip(hopper_kernel_fails(kernel))
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", kernel)
+    return "ours" if impl == "ours" else "variant"
 
 
 def timed(benchmark, fn, flops_per_call: float, group: str, role: str) -> None:
@@ -91,19 +101,16 @@ def dense_operands(m: int, n: int, k: int):
 
 
 @pytest.mark.parametrize("shape", DENSE, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", ["ours", "ours_wgmma", "scaled_mm_rowwise", "bf16_matmul"])
+@pytest.mark.parametrize("impl", ["ours", "ours_wgmma", "ours_tma", "scaled_mm_rowwise", "bf16_matmul"])
 def test_fp8_gemm_nt_cuda(benchmark, monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int, int], impl: str) -> None:
     m, n, k = shape
     x, w = dense_operands(m, n, k)
     group = f"fp8_gemm_nt {m}x{n}x{k} cuda"
     flops = 2.0 * m * n * k
-    if impl == "ours_wgmma" and wgmma_verified():
-        pytest.skip(wgmma_verified())
     if impl.startswith("ours"):
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "wgmma" if impl == "ours_wgmma" else "mma_sync")
+        role = select_kernel(monkeypatch, impl)
         (a, sa), (b, sb) = ops.per_token_cast_to_fp8(x), ops.per_block_cast_to_fp8(w)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-        role = "ours" if impl == "ours" else "variant"
         timed(benchmark, lambda: native.fp8_gemm_nt_out(a, sa, b, sb, None, d), flops, group, role)
     elif impl == "scaled_mm_rowwise":
         sx = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-4) / 448.0  # [M, 1]
@@ -119,7 +126,7 @@ def test_fp8_gemm_nt_cuda(benchmark, monkeypatch: pytest.MonkeyPatch, shape: tup
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("impl", ["ours", "ours_wgmma", "scaled_mm_rowwise_loop", "bf16_matmul"])
+@pytest.mark.parametrize("impl", ["ours", "ours_wgmma", "ours_tma", "scaled_mm_rowwise_loop", "bf16_matmul"])
 def test_m_grouped_contiguous_cuda(benchmark, monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
     groups, rows, n, k = GROUPED
     m = groups * rows
@@ -127,17 +134,15 @@ def test_m_grouped_contiguous_cuda(benchmark, monkeypatch: pytest.MonkeyPatch, i
     w = torch.randn(groups, n, k, device="cuda", dtype=torch.bfloat16)
     group = f"m_grouped_contiguous {groups}x{rows} N={n} K={k} cuda"
     flops = 2.0 * m * n * k
-    if impl == "ours_wgmma" and wgmma_verified():
-        pytest.skip(wgmma_verified())
     if impl.startswith("ours"):
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "wgmma" if impl == "ours_wgmma" else "mma_sync")
+        role = select_kernel(monkeypatch, impl)
         a, sa = ops.per_token_cast_to_fp8(x)
         bq = [ops.per_block_cast_to_fp8(w[g]) for g in range(groups)]
         b, sb = torch.stack([q for q, _ in bq]), torch.stack([s for _, s in bq])
         m_indices = torch.arange(groups, device="cuda", dtype=torch.int32).repeat_interleave(rows)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
         timed(benchmark, lambda: native.m_grouped_fp8_gemm_nt_contiguous_out(a, sa, b, sb, m_indices, d),
-              flops, group, "ours" if impl == "ours" else "variant")
+              flops, group, role)
     elif impl == "scaled_mm_rowwise_loop":
         sx = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-4) / 448.0
         a = (x.float() / sx).to(torch.float8_e4m3fn)

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include "common/cpu_features.h"
+#ifdef DSV3_WITH_CUDA
+#include "gemm/fp8_gemm_cuda_launches.h"
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native kernels of the DeepSeek-V3 training stack (CPU always, CUDA when built)";
@@ -16,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "highest verified one); returns the active one.");
 #ifdef DSV3_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def("fp8_gemm_cuda_launches", &dsv3::fp8_gemm_cuda_launches,
+        "Launches of each CUDA FP8 GEMM kernel (mma_sync, wgmma, tma) since the extension loaded.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -1,9 +1,11 @@
 // CUDA implementations of the FP8 GEMM ops (schemas in gemm_ops.cpp): dense NT, m-grouped
-// contiguous, m-grouped masked and k-grouped, all on the generic kernel of
-// fp8_gemm_kernel_cuda.cuh. Python (ops/gemm.py) has validated the arguments; the checks here
-// only keep the kernel from reading or writing outside the tensors it was given.
+// contiguous, m-grouped masked and k-grouped, on the generic kernel of fp8_gemm_kernel_cuda.cuh
+// or, on Hopper when asked, the TMA + warp-specialised kernel of fp8_gemm_tma_cuda.cuh. Python
+// (ops/gemm.py) has validated the arguments; the checks here only keep the kernels from reading
+// or writing outside the tensors they were given.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <torch/library.h>
 
 #include <atomic>
@@ -11,7 +13,9 @@
 #include <optional>
 #include <string>
 
+#include "fp8_gemm_cuda_launches.h"
 #include "fp8_gemm_kernel_cuda.cuh"
+#include "fp8_gemm_tma_cuda.cuh"
 
 namespace dsv3 {
 namespace {
@@ -54,32 +58,116 @@ int sb_rows_of(const at::Tensor& sb, int64_t n, const char* op) {
   return rows == ceil_div(n, 128) ? 128 : 1;
 }
 
-template <typename Mma, typename OutT>
-void launch_typed(const Params& p, int64_t batch, cudaStream_t stream) {
-  auto kernel = gemm_cuda::fp8_gemm_kernel<Mma, OutT>;
-  constexpr int smem = gemm_cuda::smem_bytes<Mma>();
-  static std::atomic<uint64_t> configured{0};  // one bit per device: dynamic smem limit raised
+// Raises the kernel's dynamic shared-memory limit once per device.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int smem, std::atomic<uint64_t>& configured) {
   const int dev = at::cuda::current_device();
   const uint64_t bit = dev < 64 ? (uint64_t{1} << dev) : 0;
   if (bit == 0 || !(configured.load() & bit)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured.fetch_or(bit);
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, gemm_cuda::kBlockN)),
-                  static_cast<unsigned>(ceil_div(p.m, gemm_cuda::kBlockM)), static_cast<unsigned>(batch));
-  kernel<<<grid, gemm_cuda::kThreads, smem, stream>>>(p);
+}
+
+dim3 tile_grid(const Params& p, int64_t batch) {
+  return dim3(static_cast<unsigned>(ceil_div(p.n, gemm_cuda::kBlockN)),
+              static_cast<unsigned>(ceil_div(p.m, gemm_cuda::kBlockM)), static_cast<unsigned>(batch));
+}
+
+template <typename Mma, typename OutT>
+void launch_typed(const Params& p, int64_t batch, cudaStream_t stream) {
+  auto kernel = gemm_cuda::fp8_gemm_kernel<Mma, OutT>;
+  constexpr int smem = gemm_cuda::smem_bytes<Mma>();
+  static std::atomic<uint64_t> configured{0};
+  allow_smem(kernel, smem, configured);
+  kernel<<<tile_grid(p, batch), gemm_cuda::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The tensor-core path: DSV3_FP8_GEMM_KERNEL = mma_sync (default: any sm_80+ GPU) or wgmma
-// (Hopper's wgmma; compute capability 9.x only, else mma_sync). wgmma becomes the default on
-// Hopper once a GPU run has verified it; until then it is opt-in.
-bool use_wgmma(const cudaDeviceProp& prop) {
+// ---------------------------------------------------------------------------------------------
+// The TMA kernel's tensor maps. cuTensorMapEncodeTiled is a driver function: it is looked up
+// through the runtime, so the extension needs no link against libcuda.
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+#else
+    C10_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found));
+#endif
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "FP8 GEMM: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A [depth][rows][k] E4M3 tensor (row stride ld, depth stride ds bytes) read in 128 x 128-byte
+// boxes, 128-byte swizzled as the wgmma descriptors expect; reads outside it return zeros.
+CUtensorMap tile_map(const uint8_t* base, int64_t k, int64_t rows, int64_t depth, int64_t ld, int64_t ds) {
+  if (depth == 1) ds = ld * rows;  // never stepped; any multiple of 16 is valid
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(depth)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(ld), static_cast<cuuint64_t>(ds)};
+  const cuuint32_t box[3] = {gemm_cuda::kBlockK, gemm_cuda::kBlockM, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  CUtensorMap map;
+  const CUresult res = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<uint8_t*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "FP8 GEMM: cuTensorMapEncodeTiled failed (", static_cast<int>(res), ") for a [",
+              depth, ", ", rows, ", ", k, "] operand with strides (", ds, ", ", ld, ")");
+  return map;
+}
+
+// What the TMA needs: 16-byte-aligned bases and strides, coordinates that fit int32, some K.
+bool tma_fits(const Params& p, int64_t batch) {
+  const bool batched_a = p.masked_m != nullptr, batched_b = p.masked_m != nullptr || p.m_indices != nullptr;
+  return p.k > 0 && p.num_groups > 0 && aligned16(p.a) && aligned16(p.b) && p.lda % 16 == 0 && p.ldb % 16 == 0 &&
+         (!batched_a || p.a_bs % 16 == 0) && (!batched_b || p.b_bs % 16 == 0) && p.k < INT32_MAX &&
+         p.m < INT32_MAX && p.n < INT32_MAX && batch < INT32_MAX;
+}
+
+template <typename OutT>
+void launch_tma(const Params& p, int64_t batch, cudaStream_t stream) {
+  const int64_t a_depth = p.masked_m != nullptr ? batch : 1;
+  const int64_t b_depth = p.masked_m != nullptr ? batch : (p.m_indices != nullptr ? p.num_groups : 1);
+  const CUtensorMap map_a = tile_map(p.a, p.k, p.m, a_depth, p.lda, p.a_bs);
+  const CUtensorMap map_b = tile_map(p.b, p.k, p.n, b_depth, p.ldb, p.b_bs);
+  auto kernel = gemm_cuda::fp8_gemm_tma_kernel<OutT>;
+  constexpr int smem = gemm_cuda::tma_smem_bytes();
+  static std::atomic<uint64_t> configured{0};
+  allow_smem(kernel, smem, configured);
+  kernel<<<tile_grid(p, batch), gemm_cuda::kTmaThreads, smem, stream>>>(map_a, map_b, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernel: DSV3_FP8_GEMM_KERNEL = mma_sync (default: any sm_80+ GPU), wgmma (Hopper's wgmma
+// in the generic kernel) or tma (the TMA + warp-specialised Hopper kernel, where the operands
+// suit the TMA, else wgmma). On other GPUs both Hopper choices fall back to mma_sync. They become
+// the default on Hopper once a GPU run has verified them; until then they are opt-in.
+enum class Kernel { kMmaSync, kWgmma, kTma };
+std::atomic<int64_t> launches[3];  // by Kernel
+
+Kernel kernel_choice(const cudaDeviceProp& prop) {
   const char* env = std::getenv("DSV3_FP8_GEMM_KERNEL");
   const std::string choice = env == nullptr ? "mma_sync" : env;
-  TORCH_CHECK(choice == "mma_sync" || choice == "wgmma", "DSV3_FP8_GEMM_KERNEL must be mma_sync or wgmma, got '",
-              choice, "'");
-  return choice == "wgmma" && prop.major == 9;
+  TORCH_CHECK(choice == "mma_sync" || choice == "wgmma" || choice == "tma",
+              "DSV3_FP8_GEMM_KERNEL must be mma_sync, wgmma or tma, got '", choice, "'");
+  if (prop.major != 9 || choice == "mma_sync") return Kernel::kMmaSync;
+  return choice == "wgmma" ? Kernel::kWgmma : Kernel::kTma;
+}
+
+template <typename OutT>
+void launch_for(Params p, int64_t batch, Kernel kernel, cudaStream_t stream) {
+  if (kernel == Kernel::kTma && !tma_fits(p, batch)) kernel = Kernel::kWgmma;
+  ++launches[static_cast<int>(kernel)];
+  if (kernel == Kernel::kTma) return launch_tma<OutT>(p, batch, stream);
+  if (kernel == Kernel::kMmaSync) return launch_typed<gemm_cuda::MmaSync, OutT>(p, batch, stream);
+  launch_typed<gemm_cuda::Wgmma, OutT>(p, batch, stream);
 }
 
 void launch(Params p, int64_t batch, at::ScalarType out_dtype) {
@@ -91,13 +179,11 @@ void launch(Params p, int64_t batch, at::ScalarType out_dtype) {
   p.vec16 = p.k % 16 == 0 && p.lda % 16 == 0 && p.ldb % 16 == 0 && p.a_bs % 16 == 0 && p.b_bs % 16 == 0 &&
             aligned16(p.a) && aligned16(p.b);
   auto stream = at::cuda::getCurrentCUDAStream();
-  const bool wgmma = use_wgmma(*prop);
+  const Kernel kernel = kernel_choice(*prop);
   if (out_dtype == at::kFloat) {
-    wgmma ? launch_typed<gemm_cuda::Wgmma, float>(p, batch, stream)
-          : launch_typed<gemm_cuda::MmaSync, float>(p, batch, stream);
+    launch_for<float>(p, batch, kernel, stream);
   } else {
-    wgmma ? launch_typed<gemm_cuda::Wgmma, __nv_bfloat16>(p, batch, stream)
-          : launch_typed<gemm_cuda::MmaSync, __nv_bfloat16>(p, batch, stream);
+    launch_for<__nv_bfloat16>(p, batch, kernel, stream);
   }
 }
 
@@ -284,6 +370,10 @@ void k_grouped_fp8_gemm_nt_contiguous_out_cuda(const at::Tensor& a, const at::Te
 }
 
 }  // namespace
+
+std::map<std::string, int64_t> fp8_gemm_cuda_launches() {
+  return {{"mma_sync", launches[0].load()}, {"wgmma", launches[1].load()}, {"tma", launches[2].load()}};
+}
 
 TORCH_LIBRARY_IMPL(dsv3, CUDA, m) {
   m.impl("fp8_gemm_nt_out", &fp8_gemm_nt_out_cuda);

@@ -152,6 +152,60 @@ __device__ __forceinline__ void store_out<__nv_bfloat16>(__nv_bfloat16* d, int64
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row bookkeeping shared with the TMA kernel (fp8_gemm_tma_cuda.cuh)
+
+// Rows of batch entry z that are computed: masked_m[z] clamped to [0, m], or all m rows.
+__device__ __forceinline__ int64_t valid_rows(const Params& p, int z) {
+  if (p.masked_m == nullptr) return p.m;
+  const int mm = p.masked_m[z];
+  return mm < 0 ? 0 : (mm < p.m ? mm : p.m);
+}
+
+// idx[i] = group of tile row m0 + i: 0 for dense and masked rows; m_indices for the contiguous
+// layout, where values below -1 are marked invalid (num_groups); kNoRow past the valid rows.
+// Thread `tid` of `threads` fills its share.
+__device__ __forceinline__ void tile_row_groups(const Params& p, int64_t m0, int64_t m_valid, int* idx, int tid,
+                                                int threads) {
+  for (int i = tid; i < kBlockM; i += threads) {
+    const int64_t r = m0 + i;
+    int v = kNoRow;
+    if (r < m_valid) {
+      v = 0;
+      if (p.m_indices != nullptr) {
+        v = p.m_indices[r];
+        if (v < -1) v = p.num_groups;
+      }
+    }
+    idx[i] = v;
+  }
+}
+
+// The next group after `after` among the tile's rows (num_groups when none is left); every
+// thread computes the same sequence, so the tile is computed once per distinct group.
+__device__ __forceinline__ int next_group(const int* idx, int after, int num_groups) {
+  int next = num_groups;
+  for (int i = 0; i < kBlockM; ++i) {
+    const int v = idx[i];
+    if (v > after && v < next) next = v;
+  }
+  return next;
+}
+
+// Rows of no group (contiguous layout): -1 is padding, written as zeros; an invalid index is
+// written as NaN so that the mistake shows.
+template <typename OutT>
+__device__ __forceinline__ void store_ungrouped_rows(const Params& p, OutT* d, const int* idx, int64_t m0, int64_t n0,
+                                                     int tid, int threads) {
+  for (int i = tid; i < kBlockM * kBlockN; i += threads) {
+    const int rl = i / kBlockN;
+    const int64_t col = n0 + i % kBlockN;
+    const int v = idx[rl];
+    if (v == kNoRow || (v >= 0 && v < p.num_groups) || col >= p.n) continue;
+    store_out<OutT>(d, (m0 + rl) * p.ldd + col, v == -1 ? 0.0f : __int_as_float(0x7FC00000));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The kernel: grid (n tiles, m tiles, batch).
 
 template <typename Mma, typename OutT>
@@ -168,11 +222,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const Params p) {
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBlockM;
   const int z = blockIdx.z;
-  int64_t m_valid = p.m;
-  if (p.masked_m != nullptr) {
-    const int mm = p.masked_m[z];
-    m_valid = mm < 0 ? 0 : (mm < p.m ? mm : p.m);
-  }
+  const int64_t m_valid = valid_rows(p, z);
   if (m0 >= m_valid) return;  // nothing of this tile is ours to write (masked rows stay untouched)
 
   const uint8_t* a = p.a + z * p.a_bs;
@@ -180,20 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const Params p) {
   const float* c = p.c == nullptr ? nullptr : p.c + z * p.c_bs;
   OutT* d = static_cast<OutT*>(p.d) + z * p.d_bs;
 
-  // Group of each row: 0 for dense and masked rows; m_indices for the contiguous layout, where
-  // values below -1 or >= num_groups are marked invalid (written as NaN, never read past B).
-  for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
-    const int64_t r = m0 + i;
-    int v = kNoRow;
-    if (r < m_valid) {
-      v = 0;
-      if (p.m_indices != nullptr) {
-        v = p.m_indices[r];
-        if (v < -1) v = p.num_groups;
-      }
-    }
-    s.idx[i] = v;
-  }
+  tile_row_groups(p, m0, m_valid, s.idx, threadIdx.x, kThreads);
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -205,15 +242,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const Params p) {
 
   // One pass per distinct group among the tile's rows, in increasing order (one pass unless a
   // group boundary falls inside the tile). Every thread finds the same next group.
-  int group = -1;
-  while (true) {
-    int next = num_groups;
-    for (int i = 0; i < kBlockM; ++i) {
-      const int v = s.idx[i];
-      if (v > group && v < next) next = v;
-    }
-    if (next >= num_groups) break;
-    group = next;
+  for (int group = next_group(s.idx, -1, num_groups); group < num_groups;
+       group = next_group(s.idx, group, num_groups)) {
     const int bz = p.m_indices != nullptr ? group : z;
     const uint8_t* b = p.b + bz * p.b_bs;
     const float* sb = p.sb + bz * p.sb_bs;
@@ -300,17 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_gemm_kernel(const Params p) {
       }
   }
 
-  // Rows of no group (contiguous layout): -1 is padding, written as zeros; an invalid index is
-  // written as NaN so that the mistake shows.
-  if (p.m_indices != nullptr) {
-    for (int i = threadIdx.x; i < kBlockM * kBlockN; i += kThreads) {
-      const int rl = i / kBlockN;
-      const int64_t col = n0 + i % kBlockN;
-      const int v = s.idx[rl];
-      if (v == kNoRow || (v >= 0 && v < p.num_groups) || col >= p.n) continue;
-      store_out<OutT>(d, (m0 + rl) * p.ldd + col, v == -1 ? 0.0f : __int_as_float(0x7FC00000));
-    }
-  }
+  if (p.m_indices != nullptr) store_ungrouped_rows<OutT>(p, d, s.idx, m0, n0, threadIdx.x, kThreads);
 }
 
 }  // namespace gemm_cuda

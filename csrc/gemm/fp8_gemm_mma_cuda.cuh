@@ -149,7 +149,9 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* tile) {
 // Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+// d = A B (accumulate false) or d += A B (true).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                      bool accumulate) {
 #if defined(DSV3_HAS_WGMMA)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -167,11 +169,12 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));  // scale-d = 1: d += A B
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<uint32_t>(accumulate)));  // scale-d
 #else
   (void)d;
   (void)desc_a;
   (void)desc_b;
+  (void)accumulate;
   __trap();  // never launched off Hopper: the host picks this path only on compute capability 9.x
 #endif
 }
@@ -209,7 +212,7 @@ struct Wgmma {
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
       const uint64_t step = static_cast<uint64_t>(kc * 32) >> 4;  // 32 bytes of K
-      wgmma_m64n128k32_e4m3(d, desc_a + step, desc_b + step);
+      wgmma_m64n128k32_e4m3(d, desc_a + step, desc_b + step, true);
     }
 #if defined(DSV3_HAS_WGMMA)
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");

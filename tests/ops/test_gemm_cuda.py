@@ -5,9 +5,11 @@ CPU kernel of the same op. All tests need a GPU and skip elsewhere.
 The native ops are called directly (schemas in csrc/gemm/gemm_ops.cpp): these tests pin down the
 CUDA kernels; the Python faces (ops/gemm.py) and their argument checks are tested with the CPU.
 The tests run on the tensor-core path the environment selects (DSV3_FP8_GEMM_KERNEL, default
-mma_sync). On a Hopper GPU, one test reruns this whole module in a child process with
-DSV3_FP8_GEMM_KERNEL=wgmma: a fault of the not-yet-verified wgmma path then cannot leave this
-process's CUDA context broken for the tests that follow.
+mma_sync). On a Hopper GPU, one test reruns this whole module in a child process for each Hopper
+kernel (DSV3_FP8_GEMM_KERNEL=wgmma, then tma): a fault of a not-yet-verified kernel then cannot
+leave this process's CUDA context broken for the tests that follow. The TMA kernel takes only
+operands with 16-byte-aligned rows (K % 16 == 0 here); the others fall back to wgmma, and the
+shapes below include both kinds.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 import ops
-from ops._native import native
+from ops._native import _C, native
 from ops.reference import dequantize_tiles_reference
 from tests.harness.tensors import assert_no_poison, poisoned
 
@@ -40,20 +42,44 @@ KERNEL = os.environ.get("DSV3_FP8_GEMM_KERNEL", "mma_sync")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_wgmma_path_passes_this_module_in_a_child_process() -> None:
-    if KERNEL == "wgmma":
-        pytest.skip("already the wgmma run")
+@pytest.mark.parametrize("kernel", ["wgmma", "tma"])
+def test_hopper_kernel_passes_this_module_in_a_child_process(kernel: str) -> None:
+    if KERNEL != "mma_sync":
+        pytest.skip("already a child run")
     if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("wgmma needs a Hopper GPU (compute capability 9.x)")
-    env = {**os.environ, "DSV3_FP8_GEMM_KERNEL": "wgmma"}
+        pytest.skip(f"{kernel} needs a Hopper GPU (compute capability 9.x)")
+    env = {**os.environ, "DSV3_FP8_GEMM_KERNEL": kernel}
     # the largest dense shapes are left out to stay within the GPU check's time per test
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x", "-p", "no:cacheprovider",
            "-k", "not 4096 and not 7168"]
     try:
         child = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"wgmma run did not finish in 110 s:\n{str(err.stdout)[-2000:]}")
-    assert child.returncode == 0, f"wgmma run failed:\n{(child.stdout + child.stderr)[-4000:]}"
+        pytest.fail(f"{kernel} run did not finish in 110 s:\n{str(err.stdout)[-2000:]}")
+    assert child.returncode == 0, f"{kernel} run failed:\n{(child.stdout + child.stderr)[-4000:]}"
+
+
+def launches() -> dict[str, int]:
+    return _C.fp8_gemm_cuda_launches()
+
+
+@pytest.mark.parametrize("k", [256, 100])
+def test_the_selected_kernel_runs(k: int) -> None:
+    """Each call launches the kernel DSV3_FP8_GEMM_KERNEL names (mma_sync off Hopper); tma falls
+    back to wgmma when the TMA cannot read the operands (rows of 100 bytes are not 16-byte
+    aligned)."""
+    expect = KERNEL if torch.cuda.get_device_capability()[0] == 9 else "mma_sync"
+    if expect == "tma" and k % 16:
+        expect = "wgmma"
+    a, sa = ops.per_token_cast_to_fp8(randn(130, k))
+    b, sb = ops.per_block_cast_to_fp8(randn(200, k))
+    d = torch.empty(130, 200, device="cuda")
+    before = launches()
+    native.fp8_gemm_nt_out(a, sa, b, sb, None, d)
+    after = launches()
+    assert {name: after[name] - before[name] for name in after} == {
+        name: int(name == expect) for name in after
+    }
 
 
 def randn(*shape: int) -> torch.Tensor:
@@ -181,9 +207,10 @@ def test_m_grouped_contiguous_matches_float64_and_cpu(alignment: int, n: int, k:
         assert ops.calc_diff(d.cpu(), d_cpu) < CPU_TOL
 
 
-def test_m_grouped_contiguous_unsorted_rows() -> None:
+@pytest.mark.parametrize("k", [300, 320])
+def test_m_grouped_contiguous_unsorted_rows(k: int) -> None:
     """Rows of different experts interleaved inside one 128-row tile (alignment 1, unsorted)."""
-    groups, m, n, k = 4, 333, 200, 300
+    groups, m, n = 4, 333, 200
     m_indices = torch.randint(-1, groups, (m,), dtype=torch.int32)
     a, sa = ops.per_token_cast_to_fp8(randn(m, k))
     bq = [ops.per_block_cast_to_fp8(randn(n, k)) for _ in range(groups)]
@@ -243,8 +270,13 @@ def k_grouped_operands(m: int, n: int, ks: list[int]):
 @pytest.mark.parametrize(
     "out_dtype,with_c", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)], ids=["bf16", "f32", "f32+c"]
 )
-def test_k_grouped_matches_float64_and_cpu(m: int, n: int, out_dtype: torch.dtype, with_c: bool) -> None:
-    ks = [0, 128, random.randint(1, 700), 1000, random.choice([16, 100, 4096])]
+@pytest.mark.parametrize("ks_kind", ["any", "aligned16"])
+def test_k_grouped_matches_float64_and_cpu(m: int, n: int, out_dtype: torch.dtype, with_c: bool, ks_kind: str) -> None:
+    """"aligned16": every group starts 16-byte aligned (the TMA kernel's case); "any": some do not."""
+    if ks_kind == "any":
+        ks = [0, 128, random.randint(1, 700), 1000, random.choice([16, 100, 4096])]
+    else:
+        ks = [0, 128, 16 * random.randint(1, 44), 1024, random.choice([16, 112, 4096])]
     random.shuffle(ks)
     a, sa, b, sb = k_grouped_operands(m, n, ks)
     groups = len(ks)
