@@ -4,7 +4,8 @@
 # torch._scaled_mm and BF16 matmul, the GPU's matmul and copy ceilings, the 1B-class MFU preset
 # launch/configs/bench_gpu.toml), render the benchmark report, run the CPU GEMM tests on the
 # AVX-512 kernels where the host CPU has AVX-512, and again on the AMX-BF16 kernels where it has
-# AMX (neither yet verified elsewhere: this is where they first run), and write one summary file.
+# AMX (neither yet verified elsewhere: this is where they first run), run compute-sanitizer over
+# the Hopper GEMM kernels, and write one summary file.
 #
 #   bash bench/gpu_check.sh [--dry-run] [OUT_DIR]
 #
@@ -16,12 +17,13 @@
 #
 # Made for the device machine's own python3 (3.12) and torch (2.11, CUDA 13) with no installs:
 # pytest, pytest-benchmark, pytest-timeout, ninja and pybind11 are there (matplotlib may not be:
-# the report then has tables only). Budget: about 5 minutes with the build; each step has a hard
+# the report then has tables only). Budget: about 6 minutes with the build; each step has a hard
 # cap (build 240 s, import 60 s, tests 270 s: the module of FP8 GEMM tests runs again in a child
 # process for each Hopper kernel, wgmma and tma, 110 s each; benchmarks 180 s, report 120 s, the
-# host CPU's AVX-512 tests 60 s and AMX tests 60 s). A normal run fits a rerun in a 15-minute
-# lease; give the device call a 600 s timeout (its limit): if the caps add up past it, what the
-# script wrote so far still comes back.
+# host CPU's AVX-512 tests 60 s and AMX tests 60 s, then compute-sanitizer over one small call of
+# each GEMM op: memcheck on wgmma and tma, racecheck on tma, 90 s each). A normal run fits a
+# rerun in a 15-minute lease; give the device call a 600 s timeout (its limit): if the caps add
+# up past it, what the script wrote so far (log, junit files) still comes back.
 #
 # --dry-run skips what needs a GPU (nvidia-smi, the CUDA build, the ops._C CUDA check) and runs
 # everything else as is, on the machine's existing build: the CUDA tests and benchmarks are
@@ -125,6 +127,20 @@ else
   echo "$cpu_amx_note"
 fi
 
+step "compute-sanitizer on the Hopper kernels (memcheck: wgmma, tma; racecheck: tma)"
+# Last, so that it cannot crowd out the steps above: one small call of each GEMM op per run.
+if [ "$dry" = 1 ]; then
+  echo "dry run: no sanitizer"
+elif command -v compute-sanitizer > /dev/null; then
+  for check in memcheck:wgmma memcheck:tma racecheck:tma; do
+    tool=${check%%:*} kernel=${check##*:}
+    run "sanitize_${tool}_${kernel}" 90 env DSV3_FP8_GEMM_KERNEL="$kernel" compute-sanitizer --tool "$tool" \
+      --error-exitcode 3 --target-processes all $py -m bench.gpu_sanitize
+  done
+else
+  echo "compute-sanitizer not found: skipped"
+fi
+
 # the one results file: outcome of every step, the tests' and benchmarks' summaries, the ratios
 tally() {  # tests / failures / errors / skipped of a junit file
   [ -s "$1" ] && $py - "$1" <<'PY' || echo "no result file"
@@ -143,7 +159,8 @@ PY
   echo
   echo "| step | exit status |"
   echo "|---|---|"
-  for k in build import tests bench report cpu_avx512 cpu_amx; do
+  for k in build import tests bench report cpu_avx512 cpu_amx sanitize_memcheck_wgmma sanitize_memcheck_tma \
+    sanitize_racecheck_tma; do
     [ -n "${outcome[$k]+x}" ] && echo "| $k | ${outcome[$k]}$([ "${outcome[$k]}" = 124 ] && echo ' (time cap)') |"
   done
   echo
@@ -167,7 +184,8 @@ PY
   echo
   [ -s "$out/report.md" ] && echo "Benchmark report: [report.md](report.md)" && echo
   echo '```'
-  grep -E "^(FAILED|ERROR|SKIPPED)|BUILD FAILED|time cap|passed|failed|^\[|^  (ours|peer|ceiling) |MFU " "$out/gpu_check.log" | tail -80
+  grep -E "^(FAILED|ERROR|SKIPPED)|BUILD FAILED|time cap|passed|failed|^\[|^  (ours|peer|ceiling) |MFU |ERROR SUMMARY" \
+    "$out/gpu_check.log" | tail -80
   echo '```'
 } > "$summary"
 echo "results: $summary"

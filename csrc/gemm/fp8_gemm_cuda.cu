@@ -123,12 +123,17 @@ CUtensorMap tile_map(const uint8_t* base, int64_t k, int64_t rows, int64_t depth
   return map;
 }
 
+// A stride the TMA can step: a multiple of 16 bytes, and at least the extent it steps over (a
+// one-row operand may report any stride, 0 included, which the driver would refuse).
+bool tma_stride(int64_t stride, int64_t extent) { return stride % 16 == 0 && stride >= extent; }
+
 // What the TMA needs: 16-byte-aligned bases and strides, coordinates that fit int32, some K.
 bool tma_fits(const Params& p, int64_t batch) {
   const bool batched_a = p.masked_m != nullptr, batched_b = p.masked_m != nullptr || p.m_indices != nullptr;
-  return p.k > 0 && p.num_groups > 0 && aligned16(p.a) && aligned16(p.b) && p.lda % 16 == 0 && p.ldb % 16 == 0 &&
-         (!batched_a || p.a_bs % 16 == 0) && (!batched_b || p.b_bs % 16 == 0) && p.k < INT32_MAX &&
-         p.m < INT32_MAX && p.n < INT32_MAX && batch < INT32_MAX;
+  return p.k > 0 && p.num_groups > 0 && aligned16(p.a) && aligned16(p.b) && tma_stride(p.lda, p.k) &&
+         tma_stride(p.ldb, p.k) && (!batched_a || tma_stride(p.a_bs, p.lda * p.m)) &&
+         (!batched_b || tma_stride(p.b_bs, p.ldb * p.n)) && p.k < INT32_MAX && p.m < INT32_MAX &&
+         p.n < INT32_MAX && batch < INT32_MAX;
 }
 
 template <typename OutT>

@@ -11,7 +11,8 @@
 // - the TMA writes each tile in the 128-byte swizzle the wgmma descriptors describe
 //   (Wgmma::offset), and fills everything outside the tensor with zeros, so ragged M, N and K
 //   need no masking in the loads; only 16-byte-aligned operands qualify (the host checks).
-// Registers are rebalanced with setmaxnreg: the producer keeps 40, the consumers may take 232.
+// No setmaxnreg: the consumers fit in the 168 registers per thread a 384-thread block gets (no
+// spills), so moving registers to them would buy nothing.
 //
 // Every wait has a watchdog: a stage that has not arrived after kWatchdogNs traps (an error the
 // host sees) instead of hanging the GPU. The kernel has not run on a GPU yet; it is selected
@@ -34,12 +35,6 @@ constexpr int kTileBytes = kBlockM * kBlockK;            // one 128 rows x 128 b
 constexpr uint32_t kStageTxBytes = 2 * kTileBytes;       // A and B boxes, counted whole even at edges
 constexpr unsigned long long kWatchdogNs = 10000000000ull;  // 10 s
 
-// setmaxnreg moves registers between warpgroups within what the block got at launch (168 per
-// thread: 65536 / 384 rounded down to a multiple of 8). The consumers' TRY_ALLOC spins until the
-// producer has freed enough, so the two must balance exactly or the block hangs.
-constexpr int kEntryRegs = 168, kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= kTmaThreads * kEntryRegs,
-              "setmaxnreg would wait forever for registers");
 static_assert(kBlockM == kBlockN, "A and B boxes share one shape");
 
 constexpr int tma_smem_bytes() {
@@ -75,7 +70,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
 }
 // Waits for the phase of parity `parity` to complete; traps after kWatchdogNs (the launch then
 // fails with an illegal-instruction error). Inline and free of calls (no printf): a call between
-// wgmma instructions makes ptxas serialise them, and setmaxnreg needs call-free code.
+// wgmma instructions makes ptxas serialise them.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   if (mbar_try_wait(bar, parity)) return;
   const unsigned long long start = global_ns();
@@ -278,18 +273,17 @@ __global__ void __launch_bounds__(kTmaThreads, 1)
       mbar_init(&sm.full[s], 32);                 // the producer warp's lanes (+ the TMA bytes)
       mbar_init(&sm.empty[s], kConsumerThreads);  // every consumer thread
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+    // The initialised barriers, visible to the TMA unit (the async proxy).
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   }
   __syncthreads();
 
-  // The two roles as the two branches of one if/else: ptxas honours setmaxnreg only so.
-  if (threadIdx.x < 128) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
-    if (threadIdx.x < 32) produce(&map_a, &map_b, p, sm, tile, threadIdx.x);  // three warps idle out
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
+  if (threadIdx.x < 32) {
+    produce(&map_a, &map_b, p, sm, tile, threadIdx.x);
+  } else if (threadIdx.x >= 128) {
     consume<OutT>(p, sm, tile, threadIdx.x - 128);
-  }
+  }  // warps 1-3 idle out
 #else
   (void)map_a, (void)map_b, (void)p;
   __trap();  // never launched off Hopper: the host picks this kernel only on compute capability 9.x

@@ -82,6 +82,53 @@ def test_the_selected_kernel_runs(k: int) -> None:
     }
 
 
+def same_on_wgmma_and_tma(monkeypatch: pytest.MonkeyPatch, call, d: torch.Tensor) -> None:
+    """call(d) fills d; the TMA kernel must give exactly what the wgmma kernel gives (the same
+    wgmma sequence on the same bytes, zero-filled alike past every edge; the same promotion)."""
+    outs = []
+    for kernel in ("wgmma", "tma"):
+        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", kernel)
+        out = d.clone()
+        before = launches()[kernel]
+        call(out)
+        assert launches()[kernel] > before, f"the {kernel} kernel did not run"
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), f"tma differs from wgmma: calc_diff {ops.calc_diff(outs[0], outs[1]):.3g}"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tma_kernel_equals_wgmma_bit_for_bit(monkeypatch: pytest.MonkeyPatch, out_dtype: torch.dtype) -> None:
+    """Run in the tma child only (a fault of the TMA kernel must not reach the main process)."""
+    if KERNEL != "tma":
+        pytest.skip("runs in the DSV3_FP8_GEMM_KERNEL=tma child")
+    m, n, k = random.randint(1, 700), random.randint(1, 600), 16 * random.randint(1, 80)
+    a, sa = ops.per_token_cast_to_fp8(randn(m, k))
+    b, sb = ops.per_block_cast_to_fp8(randn(n, k))
+    d = poisoned(m, n, dtype=out_dtype, device="cuda")
+    same_on_wgmma_and_tma(monkeypatch, lambda out: native.fp8_gemm_nt_out(a, sa, b, sb, None, out), d)
+
+    sizes = [random.randint(0, 300) for _ in range(4)]
+    m_indices = contiguous_layout(sizes, 1).cuda()
+    m_indices[random.randrange(m_indices.numel())] = -1  # a padding row inside a segment
+    a, sa = ops.per_token_cast_to_fp8(randn(m_indices.numel(), k))
+    bq = [ops.per_block_cast_to_fp8(randn(n, k)) for _ in sizes]
+    bg, sbg = torch.stack([q for q, _ in bq]), torch.stack([s for _, s in bq])
+    d = poisoned(m_indices.numel(), n, dtype=out_dtype, device="cuda")
+    same_on_wgmma_and_tma(monkeypatch, lambda out: native.m_grouped_fp8_gemm_nt_contiguous_out(a, sa, bg, sbg, m_indices, out), d)
+
+    max_m = random.randint(1, 300)
+    masked = torch.randint(0, max_m + 1, (len(sizes),), dtype=torch.int32, device="cuda")
+    a, sa = ops.per_token_cast_to_fp8(randn(len(sizes), max_m, k))
+    d = poisoned(len(sizes), max_m, n, dtype=out_dtype, device="cuda")
+    same_on_wgmma_and_tma(monkeypatch, lambda out: native.m_grouped_fp8_gemm_nt_masked_out(a, sa, bg, sbg, masked, max_m, out), d)
+
+    ks = [0, 16 * random.randint(1, 40), 16 * random.randint(1, 40)]  # weight gradients: B per row
+    random.shuffle(ks)
+    a, sa, b, sb = k_grouped_operands(m, n, ks)
+    d = poisoned(len(ks), m, n, dtype=out_dtype, device="cuda")
+    same_on_wgmma_and_tma(monkeypatch, lambda out: native.k_grouped_fp8_gemm_nt_contiguous_out(a, sa, b, sb, ks, None, out), d)
+
+
 def randn(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, device="cuda")
 
