@@ -169,10 +169,14 @@ Kernel kernel_choice(const cudaDeviceProp& prop) {
 template <typename OutT>
 void launch_for(Params p, int64_t batch, Kernel kernel, cudaStream_t stream) {
   if (kernel == Kernel::kTma && !tma_fits(p, batch)) kernel = Kernel::kWgmma;
-  ++launches[static_cast<int>(kernel)];
-  if (kernel == Kernel::kTma) return launch_tma<OutT>(p, batch, stream);
-  if (kernel == Kernel::kMmaSync) return launch_typed<gemm_cuda::MmaSync, OutT>(p, batch, stream);
-  launch_typed<gemm_cuda::Wgmma, OutT>(p, batch, stream);
+  if (kernel == Kernel::kTma) {
+    launch_tma<OutT>(p, batch, stream);
+  } else if (kernel == Kernel::kMmaSync) {
+    launch_typed<gemm_cuda::MmaSync, OutT>(p, batch, stream);
+  } else {
+    launch_typed<gemm_cuda::Wgmma, OutT>(p, batch, stream);
+  }
+  ++launches[static_cast<int>(kernel)];  // counted once launched
 }
 
 void launch(Params p, int64_t batch, at::ScalarType out_dtype) {
