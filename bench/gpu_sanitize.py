@@ -11,6 +11,8 @@ ragged (every edge of a tile is exercised) because the sanitizer slows kernels d
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import ops
@@ -41,7 +43,11 @@ def main() -> None:
     native.k_grouped_fp8_gemm_nt_contiguous_out(a_k, sa_k, b_k, sb_k, ks, None,
                                                 torch.empty(len(ks), m, n, device="cuda"))
     torch.cuda.synchronize()
-    print("launches:", _C.fp8_gemm_cuda_launches())
+    launches = _C.fp8_gemm_cuda_launches()
+    print("launches:", launches)
+    # tma takes all but the empty k-group (which falls back to wgmma): else this checked wgmma twice
+    if os.environ.get("DSV3_FP8_GEMM_KERNEL") == "tma" and torch.cuda.get_device_capability()[0] == 9:
+        assert launches["tma"] == 5 and launches["wgmma"] == 1, f"the TMA kernel did not take these calls: {launches}"
 
 
 if __name__ == "__main__":
