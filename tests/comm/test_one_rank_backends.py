@@ -108,9 +108,9 @@ def _run_child(backend: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
+                              timeout=100)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"{backend} child did not finish in 240 s (seed {seed}):\n{str(err.stdout)[-2000:]}")
+        pytest.fail(f"{backend} child did not finish in 100 s (seed {seed}):\n{str(err.stdout)[-2000:]}")
     assert proc.returncode == 0, f"{backend} child failed (seed {seed}):\n{(proc.stdout + proc.stderr)[-4000:]}"
 
 
