@@ -15,12 +15,14 @@ comm/node_limited.py.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from comm import kernels, transfer
 from comm.events import EventOverlap, wait_previous
-from comm.guarded import CallSignature, SignatureField, fail_guarded
+from comm.guarded import CallSignature, Guard, SignatureField, fail_guarded
 from comm.layout import DispatchHandle, check_topk, new_owner_id
 from comm.primitives import agree_no_error
 from ops.checks import check_dim, check_dtype, check_positive_int, check_tensor
@@ -78,6 +80,14 @@ def _dispatch_signature(parts: list[torch.Tensor] | None = None, topk_idx: torch
     ))
 
 
+def _env_check() -> bool:
+    """DSV3_COMM_CHECK: '1' turns Buffer's check_consistency on, '0' or unset leaves it off."""
+    value = os.environ.get("DSV3_COMM_CHECK", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DSV3_COMM_CHECK must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 class Buffer:
     """Binds a process group for dispatch/combine (DeepEP's ``deep_ep.Buffer`` API).
 
@@ -97,10 +107,18 @@ class Buffer:
             launched together with the payload (comm/guarded.py: no extra round trip); the
             node-limited mode exchanges the flags first in synchronous calls and skips them in
             async ones. False: no agreement.
+        check_consistency: flat mode, a debugging aid: before a dispatch with a handle or a
+            combine moves any payload, the ranks gather every exchange's byte counts and check
+            them (one blocking round trip, a few percent of a combine): ranks that disagree
+            (hidden sizes, dtypes, handles of different dispatches, topk_weights on some ranks
+            only) all raise CollectiveInputError instead of gloo aborting the process (NCCL:
+            hanging or corrupting). Default: the DSV3_COMM_CHECK environment variable (0 or 1;
+            unset: off).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
-                 ranks_per_node: int | None = None, agree_on_errors: bool = True):
+                 ranks_per_node: int | None = None, agree_on_errors: bool = True,
+                 check_consistency: bool | None = None):
         if not dist.is_initialized():
             raise RuntimeError("Buffer needs an initialised torch.distributed process group")
         self.group = group
@@ -112,6 +130,7 @@ class Buffer:
             raise ValueError(f"ranks_per_node ({self.ranks_per_node}) must divide the group size ({self.group_size})")
         self.num_nodes = self.group_size // self.ranks_per_node
         self.agree_on_errors = bool(agree_on_errors)
+        self.check_consistency = _env_check() if check_consistency is None else bool(check_consistency)
         self._owner = new_owner_id()
         backend = dist.get_backend(group)
         self._count_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -293,14 +312,15 @@ class Buffer:
             raise ValueError(f"{what} has {rows} rows but the handle's layout {side} {expected} tokens on this rank "
                              "(a handle from another layout?)")
 
-    def _guard(self, error: BaseException | None, what: str, num_exchanges: int) -> bool:
-        """Flat mode: whether this call's exchanges carry the error agreement (comm/guarded.py;
-        no extra round trip). A rank with bad input takes part in its peers' exchanges, then
-        raises here."""
+    def _guard(self, error: BaseException | None, what: str, num_exchanges: int) -> Guard:
+        """Flat mode: how this call's exchanges carry the error agreement (comm/guarded.py; no
+        extra round trip unless check_consistency). A rank with bad input takes part in its
+        peers' exchanges, then raises here."""
+        mode = Guard.STRICT if self.check_consistency else Guard.HEADER if self.agree_on_errors else Guard.OFF
         if error is None:
-            return self.agree_on_errors
-        if self.agree_on_errors:
-            fail_guarded(error, num_exchanges, self.group, what, self._count_device)
+            return mode
+        if mode:
+            fail_guarded(error, num_exchanges, self.group, what, self._count_device, strict=mode == Guard.STRICT)
         raise error
 
     def _agree(self, error: BaseException | None, what: str, async_finish: bool) -> None:

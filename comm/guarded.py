@@ -22,13 +22,18 @@ combine has two: the rows and the optional top-k weights), so it is the same on 
 Arguments each rank checks alone cannot show that the ranks disagree (x's dtype, hidden size or
 form, num_experts, the top-k width). A dispatch without a handle makes a round trip anyway (its
 count exchange), so ``CallSignature`` rides on it and every rank raises before any payload moves.
-Not caught: a dispatch with a handle or a combine whose ranks disagree (handles from two
-different dispatches, different hidden sizes): their header travels WITH the payload, and gloo
-aborts the process on a size mismatch before any header could be read.
+A dispatch with a handle or a combine whose ranks disagree (handles from two different
+dispatches, different hidden sizes or dtypes, top-k weights on some ranks only) is caught only
+in the strict mode (``strict``: ``Buffer(check_consistency=True)`` or ``DSV3_COMM_CHECK=1``):
+the headers are then all-gathered and checked BEFORE any payload is launched (one blocking
+round trip), so every rank raises ``CollectiveInputError`` naming the pair of ranks. Without it
+their header travels WITH the payload, and a size mismatch is fatal before any header could be
+read (gloo aborts the process; NCCL may hang or corrupt).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +44,16 @@ import torch.distributed as dist
 
 from comm.primitives import CollectiveInputError, launch_all_to_all, raise_if_flagged
 
-__all__ = ["CallSignature", "Exchange", "SignatureField", "fail_guarded", "launch_guarded"]
+__all__ = ["CallSignature", "Exchange", "Guard", "SignatureField", "check_headers", "fail_guarded", "launch_guarded"]
+
+
+class Guard(enum.IntEnum):
+    """How a flat-mode exchange agrees on errors: not at all, through a header launched with the
+    payload (no round trip), or strictly (headers gathered and checked before the payload)."""
+
+    OFF = 0
+    HEADER = 1
+    STRICT = 2
 
 
 @dataclass(frozen=True)
@@ -105,15 +119,47 @@ def _header_exchange(rows: torch.Tensor, group: dist.ProcessGroup | None) -> tup
     return recv, dist.all_to_all_single(recv, rows, group=group, async_op=True)
 
 
+def _gathered_headers(header: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Strict mode: every rank's header on every rank, [R (sender), R (peer), columns] (blocking)."""
+    parts = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, header, group=group)
+    return torch.stack(parts).cpu()
+
+
+def check_headers(table: torch.Tensor, what: str) -> None:
+    """Strict mode: raises CollectiveInputError if a rank flagged its input, or if two ranks
+    disagree on an exchange (one launches it and the other not, or the bytes one sends the other
+    are not the bytes the other expects). Every rank holds the same table, so every rank reaches
+    the same verdict before any payload moves."""
+    raise_if_flagged(table[:, 0, 0].tolist(), None, what)
+    for j in range((table.shape[2] - 1) // 3):
+        launched, sends, expects = (table[:, :, c + 3 * j] for c in (1, 2, 3))
+        odd = (launched != launched.T).nonzero().tolist()
+        if odd:
+            on, off = odd[0] if launched[odd[0][0], odd[0][1]] else odd[0][::-1]
+            raise CollectiveInputError(
+                f"{what} aborted on every rank: rank {on} launches exchange {j} and rank {off} does not (an optional "
+                "tensor, such as combine's topk_weights, passed on some ranks only)")
+        bad = ((sends != expects.T) & (launched == 1)).nonzero().tolist()
+        if bad:
+            r, p = bad[0]
+            raise CollectiveInputError(
+                f"{what} aborted on every rank: in exchange {j} rank {r} sends rank {p} {int(sends[r, p])} bytes, but "
+                f"rank {p} expects {int(expects[p, r])} (ranks passed different hidden sizes or dtypes, or handles "
+                "of different dispatches)")
+
+
 def launch_guarded(
     exchanges: Sequence[Exchange | None], group: dist.ProcessGroup | None, what: str, device: torch.device,
-) -> tuple[dist.Work, list[dist.Work | None], Callable[[], None]]:
+    strict: bool = False,
+) -> tuple[dist.Work | None, list[dist.Work | None], Callable[[], None] | None]:
     """On a rank whose input is good: launches the header, then every exchange that is not None,
-    all asynchronously and in order.
+    all asynchronously and in order. ``strict``: the headers are gathered and checked first
+    (check_headers, blocking), then the exchanges are launched.
 
-    Returns (header work, the work of each exchange (None where the exchange is None), check).
-    Call ``check()`` once every work has been waited on: it raises ``CollectiveInputError`` if a
-    peer rejected its input."""
+    Returns (header work or None, the work of each exchange (None where the exchange is None),
+    check or None). Call ``check()`` once every work has been waited on: it raises
+    ``CollectiveInputError`` if a peer rejected its input."""
     num_ranks = dist.get_world_size(group)
     header = torch.zeros((num_ranks, 1 + 3 * len(exchanges)), dtype=torch.int64)
     for j, ex in enumerate(exchanges):
@@ -122,6 +168,9 @@ def launch_guarded(
             header[:, 1 + 3 * j] = 1
             header[:, 2 + 3 * j] = torch.tensor([int(s) * width for s in ex.in_splits], dtype=torch.int64)
             header[:, 3 + 3 * j] = torch.tensor([int(s) * width for s in ex.out_splits], dtype=torch.int64)
+    if strict:
+        check_headers(_gathered_headers(header.to(device), group), what)
+        return None, [None if ex is None else ex.launch(group) for ex in exchanges], None
     recv, header_work = _header_exchange(header.to(device), group)
     works = [None if ex is None else ex.launch(group) for ex in exchanges]
 
@@ -133,12 +182,17 @@ def launch_guarded(
 
 def fail_guarded(
     error: BaseException, num_exchanges: int, group: dist.ProcessGroup | None, what: str, device: torch.device,
+    strict: bool = False,
 ) -> NoReturn:
     """On a rank whose input is bad: flags it in the header, takes part in the ``num_exchanges``
-    exchanges exactly as the good peers announced them, then raises ``error``."""
+    exchanges exactly as the good peers announced them, then raises ``error``. ``strict``: the
+    flag reaches the peers before they launch anything, so there is nothing to take part in."""
     num_ranks = dist.get_world_size(group)
     header = torch.zeros((num_ranks, 1 + 3 * num_exchanges), dtype=torch.int64)
     header[:, 0] = 1
+    if strict:
+        _gathered_headers(header.to(device), group)
+        raise error
     recv, header_work = _header_exchange(header.to(device), group)
     header_work.wait()
     peers = recv.cpu().tolist()

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from comm import kernels, memory
 from comm.events import EventOverlap
-from comm.guarded import CallSignature, Exchange, launch_guarded
+from comm.guarded import CallSignature, Exchange, Guard, launch_guarded
 from comm.primitives import exchange_counts
 
 __all__ = ["Packed", "move", "pack", "send_back", "start_count_exchange"]
@@ -118,7 +118,7 @@ may be None): a rank with bad input must join exactly as many as its peers launc
 def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[int, ...],
          recv_splits: tuple[int, ...], topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
          experts_per_rank: int, async_finish: bool, group: dist.ProcessGroup | None, *, expert_base: int = 0,
-         wait_side: bool = False, packed: Packed | None = None, guarded: bool = False,
+         wait_side: bool = False, packed: Packed | None = None, guarded: Guard = Guard.OFF,
          count_device: torch.device | None = None) -> tuple[list[torch.Tensor], EventOverlap, torch.Tensor]:
     """Sends row t of every part to each rank r with in_rank[t, r]; what arrives is ordered by
     source rank, then source row.
@@ -136,9 +136,9 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
         wait_side: the side message has arrived when this returns (the caller needs the received
             top-k now); the main payload completes at the event.
         packed: the send side, already packed by ``pack`` with the same arguments.
-        guarded: the exchanges carry the error agreement (comm/guarded.py), its header on
-            ``count_device`` (default: the payload's device); a peer's bad input raises at the
-            event (not with ``wait_side``).
+        guarded: how the exchanges carry the error agreement (comm/guarded.py ``Guard``), its
+            header on ``count_device`` (default: the payload's device); a peer's bad input raises
+            at the event (not with ``wait_side``), or at once in the strict mode.
 
     Returns:
         (received parts [+ recv_topk_idx [N, k] int64, recv_topk_weights [N, k] float32], event,
@@ -188,7 +188,7 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
 
 def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, send_splits: tuple[int, ...],
               recv_splits: tuple[int, ...], num_tokens: int, group: dist.ProcessGroup | None, async_finish: bool,
-              *, guarded: bool = False,
+              *, guarded: Guard = Guard.OFF,
               count_device: torch.device | None = None) -> tuple[torch.Tensor | EventOverlap | None, ...]:
     """The reverse of a ``move``: each tensor in ``tensors`` ([N, *], one row per row the forward
     ``move`` delivered, in its order; None stays None) goes back, all launched together, and the
@@ -197,9 +197,9 @@ def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, se
     The rows are sent straight from the tensors (already in the exchange's order); they come back
     into pooled buffers. ``send_pos`` and the splits are the forward ``move``'s, as seen from the
     forward sender (so ``send_splits`` here are the rows it sent, now received back).
-    ``guarded``: the exchanges carry the error agreement (comm/guarded.py), its header on
-    ``count_device`` (default: the first tensor's device); a peer's bad input raises
-    CollectiveInputError at the event.
+    ``guarded``: how the exchanges carry the error agreement (comm/guarded.py ``Guard``), its
+    header on ``count_device`` (default: the first tensor's device); a peer's bad input raises
+    CollectiveInputError at the event, or at once in the strict mode.
 
     Returns:
         (*sums [num_tokens, *] in each tensor's dtype (or None), event)."""
@@ -224,18 +224,18 @@ def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, se
     return (*results, event)
 
 
-def _launch(exchanges: Sequence[Exchange | None], group: dist.ProcessGroup | None, what: str, guarded: bool,
+def _launch(exchanges: Sequence[Exchange | None], group: dist.ProcessGroup | None, what: str, guarded: Guard,
             count_device: torch.device,
             ) -> tuple[list[dist.Work], list[dist.Work | None], Callable[[], None] | None]:
     """Starts every exchange that is not None, in order, asynchronously; with ``guarded`` behind
-    the error-agreement header (comm/guarded.py).
+    the error-agreement header (comm/guarded.py; strict: after it has been checked).
 
     Returns (the header's work, or none; each exchange's work, None where the exchange is None;
-    the check to run once all have been waited on, None when not guarded)."""
+    the check to run once all have been waited on, or None)."""
     if not guarded:
         return [], [None if ex is None else ex.launch(group) for ex in exchanges], None
-    header_work, works, check = launch_guarded(exchanges, group, what, count_device)
-    return [header_work], works, check
+    header_work, works, check = launch_guarded(exchanges, group, what, count_device, strict=guarded == Guard.STRICT)
+    return [] if header_work is None else [header_work], works, check
 
 
 def _complete(works: list[dist.Work | None], check: Callable[[], None] | None, steps: list[Callable[[], None]],

@@ -154,9 +154,10 @@ def disagreeing_dispatch(rank: int, world: int, odd: int) -> dict:
     out["after"] = torch.equal(buf.combine(recv_x, handle)[0], want)
     # The guarded transfer puts its header on the payload's device when none is named.
     from comm import transfer
+    from comm.guarded import Guard
 
     got, _, _ = transfer.send_back([recv_x, None], handle.send_pos, handle.send_splits, handle.recv_splits,
-                                   handle.num_tokens, None, False, guarded=True)
+                                   handle.num_tokens, None, False, guarded=Guard.HEADER)
     out["after"] &= torch.equal(got, want)
     return out
 
@@ -174,3 +175,62 @@ def test_ranks_that_disagree_on_dispatch_arguments_all_raise(world: int) -> None
             assert kind == CollectiveInputError.__name__, (rank, case, out[case])
             assert field in msg and f"{odd_value} on rank(s) [{odd}]" in msg and usual in msg, (rank, case, msg)
         assert out["after"] is True
+
+
+def strict_disagreements(rank: int, world: int) -> dict:
+    """check_consistency: ranks that pass valid but mutually inconsistent combine / dispatch-with-
+    handle arguments all raise before any payload moves (without it gloo aborts the process)."""
+    buf = all_to_all.Buffer(check_consistency=True)
+    E, T, H = 2 * world, 20 + rank, 16
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    idx = torch.randint(-1, E, (T, 3))
+    idx[:, 0], idx[:, 1] = 0, E - 1  # every token reaches rank 0 and the last rank: rows flow both ways
+    w = torch.rand(T, 3)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    last = rank == world - 1
+    z = torch.randn(recv_x.shape[0], 2 * H if last else H, dtype=torch.bfloat16)
+    out = {
+        "combine_hidden": _outcome(lambda: buf.combine(z, handle)),
+        "combine_hidden_async": _outcome(lambda: buf.combine(z, handle, async_finish=True)),
+        "combine_weights_on_rank_0": _outcome(lambda: buf.combine(recv_x, handle, topk_weights=recv_w if rank == 0
+                                                                  else None)),
+        "dispatch_handle_dtype": _outcome(lambda: buf.dispatch(x.float() if last else x, handle=handle)),
+        "bad_input": _outcome(lambda: buf.combine(torch.randn(recv_x.shape[0] + 1, H) if last else recv_x, handle)),
+    }
+    # The group still works, and the strict mode's results are the default mode's, bit for bit.
+    strict = buf.combine(recv_x, handle, topk_weights=recv_w)[:2] + buf.dispatch(x, handle=handle)[:1]
+    buf.check_consistency = False
+    plain = buf.combine(recv_x, handle, topk_weights=recv_w)[:2] + buf.dispatch(x, handle=handle)[:1]
+    out["after"] = all(torch.equal(a, b) for a, b in zip(strict, plain, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_strict_mode_ranks_that_disagree_on_combine_all_raise(world: int) -> None:
+    results = run_distributed(strict_disagreements, world, timeout=180)
+    collective = CollectiveInputError.__name__
+    for rank, out in enumerate(results):
+        for case in ("combine_hidden", "combine_hidden_async", "dispatch_handle_dtype"):
+            kind, msg = out[case]
+            assert kind == collective and "bytes, but rank" in msg and "hidden sizes or dtypes" in msg, (rank, case, msg)
+        kind, msg = out["combine_weights_on_rank_0"]
+        assert kind == collective and "rank 0 launches exchange 1" in msg, (rank, msg)
+        kind, msg = out["bad_input"]
+        if rank == world - 1:
+            assert kind == "ValueError" and "rows" in msg, (rank, msg)
+        else:
+            assert kind == collective and f"[{world - 1}]" in msg, (rank, msg)
+        assert out["after"] is True, (rank, out)
+
+
+def test_comm_check_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from comm.buffer import _env_check
+
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("DSV3_COMM_CHECK", value)
+        assert _env_check() is want
+    monkeypatch.delenv("DSV3_COMM_CHECK")
+    assert _env_check() is False
+    monkeypatch.setenv("DSV3_COMM_CHECK", "yes")
+    with pytest.raises(ValueError, match="DSV3_COMM_CHECK must be 0 or 1"):
+        _env_check()
