@@ -121,15 +121,21 @@ def reference_dispatch(case: Case, rank: int, parts_of) -> Received:
 def reference_combine(case: Case, rank: int, z_of) -> torch.Tensor:
     """float64 [T, H]: for each token of ``rank``, the sum of the rows every destination holding it
     sends back; ``z_of(dst, rows)`` gives those rows of dst's [N_dst, H] combine input."""
+    return reference_node_partials(case, rank, z_of, case.num_ranks)[0]
+
+
+def reference_node_partials(case: Case, rank: int, z_of, ranks_per_node: int) -> torch.Tensor:
+    """float64 [nodes, T, H]: reference_combine's sum split by the node (ranks_per_node
+    consecutive ranks) of the destination that sends each row back; rows added in rank order."""
     counts = sent_counts(case)
     idx, _ = make_topk(case, rank)
-    out = torch.zeros(case.tokens[rank], case.hidden, dtype=torch.float64)
+    out = torch.zeros(case.num_ranks // ranks_per_node, case.tokens[rank], case.hidden, dtype=torch.float64)
     for dst in range(case.num_ranks):
         keep = routed(idx, dst, case.experts_per_rank).any(1)
         if not keep.any():
             continue
         first = int(counts[:rank, dst].sum())
-        out[keep] += z_of(dst, torch.arange(first, first + int(keep.sum()))).double()
+        out[dst // ranks_per_node, keep] += z_of(dst, torch.arange(first, first + int(keep.sum()))).double()
     return out
 
 
