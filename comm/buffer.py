@@ -106,14 +106,15 @@ class Buffer:
             a combine (flat mode, sync or async) carry them in a tiny header all-to-all
             launched together with the payload (comm/guarded.py: no extra round trip); the
             node-limited mode exchanges the flags first in synchronous calls and skips them in
-            async ones. False: no agreement.
-        check_consistency: flat mode, a debugging aid: before a dispatch with a handle or a
-            combine moves any payload, the ranks gather every exchange's byte counts and check
-            them (one blocking round trip, a few percent of a combine): ranks that disagree
-            (hidden sizes, dtypes, handles of different dispatches, topk_weights on some ranks
-            only) all raise CollectiveInputError instead of gloo aborting the process (NCCL:
-            hanging or corrupting). Default: the DSV3_COMM_CHECK environment variable (0 or 1;
-            unset: off).
+            async ones. False: no agreement (unless check_consistency).
+        check_consistency: flat mode only (the node-limited mode ignores it), a debugging aid:
+            before a dispatch with a handle or a combine moves any payload, the ranks gather
+            every exchange's byte counts and element types and check them (one blocking round
+            trip, a few percent of a combine; async calls block for it too): ranks that
+            disagree (hidden sizes, dtypes, handles of different dispatches, topk_weights on
+            some ranks only) all raise CollectiveInputError instead of gloo aborting the process
+            (NCCL: hanging or corrupting). It must be the same on every rank. Default: the
+            DSV3_COMM_CHECK environment variable (0 or 1; unset: off).
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
@@ -191,7 +192,7 @@ class Buffer:
                 after ``event.current_stream_wait()``. (The count exchange that sizes the receive
                 buffers and the small top-k message that num_recv_tokens_per_expert_list is
                 counted from are synchronous, as in DeepEP's normal mode; the payload is not.
-                With a handle nothing is.)
+                With a handle nothing is, but for check_consistency's round trip.)
             allocate_on_comm_stream: accepted for compatibility.
             num_experts: E when num_tokens_per_expert is not given.
 
@@ -319,7 +320,7 @@ class Buffer:
         mode = Guard.STRICT if self.check_consistency else Guard.HEADER if self.agree_on_errors else Guard.OFF
         if error is None:
             return mode
-        if mode:
+        if mode is not Guard.OFF:
             fail_guarded(error, num_exchanges, self.group, what, self._count_device, strict=mode == Guard.STRICT)
         raise error
 

@@ -16,17 +16,20 @@ the exchanges, asynchronously, so its latency hides under the payload's:
   its own exception.
 
 Header row sent to peer p (int64): [error flag, then per exchange j: launched (0/1), bytes this
-rank sends p, bytes it expects from p]. The number of exchanges is fixed by the call (e.g. a
-combine has two: the rows and the optional top-k weights), so it is the same on every rank.
+rank sends p, bytes it expects from p, the code of its payload's element type]. The number of
+exchanges is fixed by the call (e.g. a combine has two: the rows and the optional top-k
+weights), so it is the same on every rank.
 
 Arguments each rank checks alone cannot show that the ranks disagree (x's dtype, hidden size or
 form, num_experts, the top-k width). A dispatch without a handle makes a round trip anyway (its
 count exchange), so ``CallSignature`` rides on it and every rank raises before any payload moves.
 A dispatch with a handle or a combine whose ranks disagree (handles from two different
 dispatches, different hidden sizes or dtypes, top-k weights on some ranks only) is caught only
-in the strict mode (``strict``: ``Buffer(check_consistency=True)`` or ``DSV3_COMM_CHECK=1``):
-the headers are then all-gathered and checked BEFORE any payload is launched (one blocking
-round trip), so every rank raises ``CollectiveInputError`` naming the pair of ranks. Without it
+in the strict mode (``strict``: ``Buffer(check_consistency=True)`` or ``DSV3_COMM_CHECK=1``,
+the same on every rank): the headers are then all-gathered and checked BEFORE any payload is
+launched (one blocking round trip), so every rank raises ``CollectiveInputError`` naming the
+pair of ranks (byte counts and element types; the element type also catches bf16 against fp16
+rows of one size). Without it
 their header travels WITH the payload, and a size mismatch is fatal before any header could be
 read (gloo aborts the process; NCCL may hang or corrupt).
 """
@@ -45,6 +48,16 @@ import torch.distributed as dist
 from comm.primitives import CollectiveInputError, launch_all_to_all, raise_if_flagged
 
 __all__ = ["CallSignature", "Exchange", "Guard", "SignatureField", "check_headers", "fail_guarded", "launch_guarded"]
+
+
+# Element types a header names by position (anything else: one shared "other" code).
+_DTYPE_CODES = (torch.uint8, torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+                torch.int64, torch.int32)
+_COLUMNS = 4  # per exchange: launched, bytes sent to the peer, bytes expected from it, dtype code
+
+
+def _header(num_ranks: int, num_exchanges: int) -> torch.Tensor:
+    return torch.zeros((num_ranks, 1 + _COLUMNS * num_exchanges), dtype=torch.int64)
 
 
 class Guard(enum.IntEnum):
@@ -105,9 +118,14 @@ class Exchange:
     inp: torch.Tensor
     out_splits: Sequence[int]
     in_splits: Sequence[int]
+    dtype: torch.dtype | None = None  # the payload's element type when out/inp are its bytes
 
     def row_bytes(self) -> int:
         return math.prod(self.out.shape[1:]) * self.out.element_size()
+
+    def dtype_code(self) -> int:
+        dtype = self.out.dtype if self.dtype is None else self.dtype
+        return _DTYPE_CODES.index(dtype) if dtype in _DTYPE_CODES else len(_DTYPE_CODES)
 
     def launch(self, group: dist.ProcessGroup | None) -> dist.Work:
         """Starts the exchange alone (no error agreement) and returns its work handle."""
@@ -128,19 +146,27 @@ def _gathered_headers(header: torch.Tensor, group: dist.ProcessGroup | None) -> 
 
 def check_headers(table: torch.Tensor, what: str) -> None:
     """Strict mode: raises CollectiveInputError if a rank flagged its input, or if two ranks
-    disagree on an exchange (one launches it and the other not, or the bytes one sends the other
-    are not the bytes the other expects). Every rank holds the same table, so every rank reaches
-    the same verdict before any payload moves."""
+    disagree on an exchange (one launches it and the other not, the bytes one sends the other
+    are not the bytes the other expects, or their element types differ). Every rank holds the
+    same table, so every rank reaches the same verdict before any payload moves."""
     raise_if_flagged(table[:, 0, 0].tolist(), None, what)
-    for j in range((table.shape[2] - 1) // 3):
-        launched, sends, expects = (table[:, :, c + 3 * j] for c in (1, 2, 3))
+    for j in range((table.shape[2] - 1) // _COLUMNS):
+        launched, sends, expects, dtypes = (table[:, :, c + _COLUMNS * j] for c in (1, 2, 3, 4))
         odd = (launched != launched.T).nonzero().tolist()
         if odd:
             on, off = odd[0] if launched[odd[0][0], odd[0][1]] else odd[0][::-1]
             raise CollectiveInputError(
-                f"{what} aborted on every rank: rank {on} launches exchange {j} and rank {off} does not (an optional "
-                "tensor, such as combine's topk_weights, passed on some ranks only)")
-        bad = ((sends != expects.T) & (launched == 1)).nonzero().tolist()
+                f"{what} aborted on every rank: rank {on} launches exchange {j} and rank {off} does not (a part "
+                "passed on some ranks only: combine's topk_weights, or a dispatch's (x_fp8, scales) form)")
+        both = launched == 1
+        mixed = ((dtypes != dtypes.T) & both).nonzero().tolist()
+        if mixed:
+            r, p = mixed[0]
+            names = [str(_DTYPE_CODES[c]) if c < len(_DTYPE_CODES) else "another dtype" for c in (dtypes[r, p],
+                                                                                                   dtypes[p, r])]
+            raise CollectiveInputError(f"{what} aborted on every rank: in exchange {j} rank {r} sends {names[0]} "
+                                       f"and rank {p} sends {names[1]} (ranks passed different dtypes)")
+        bad = ((sends != expects.T) & both).nonzero().tolist()
         if bad:
             r, p = bad[0]
             raise CollectiveInputError(
@@ -160,14 +186,14 @@ def launch_guarded(
     Returns (header work or None, the work of each exchange (None where the exchange is None),
     check or None). Call ``check()`` once every work has been waited on: it raises
     ``CollectiveInputError`` if a peer rejected its input."""
-    num_ranks = dist.get_world_size(group)
-    header = torch.zeros((num_ranks, 1 + 3 * len(exchanges)), dtype=torch.int64)
+    header = _header(dist.get_world_size(group), len(exchanges))
     for j, ex in enumerate(exchanges):
         if ex is not None:
-            width = ex.row_bytes()
-            header[:, 1 + 3 * j] = 1
-            header[:, 2 + 3 * j] = torch.tensor([int(s) * width for s in ex.in_splits], dtype=torch.int64)
-            header[:, 3 + 3 * j] = torch.tensor([int(s) * width for s in ex.out_splits], dtype=torch.int64)
+            width, col = ex.row_bytes(), 1 + _COLUMNS * j
+            header[:, col] = 1
+            header[:, col + 1] = torch.tensor([int(s) * width for s in ex.in_splits], dtype=torch.int64)
+            header[:, col + 2] = torch.tensor([int(s) * width for s in ex.out_splits], dtype=torch.int64)
+            header[:, col + 3] = ex.dtype_code()
     if strict:
         check_headers(_gathered_headers(header.to(device), group), what)
         return None, [None if ex is None else ex.launch(group) for ex in exchanges], None
@@ -187,8 +213,7 @@ def fail_guarded(
     """On a rank whose input is bad: flags it in the header, takes part in the ``num_exchanges``
     exchanges exactly as the good peers announced them, then raises ``error``. ``strict``: the
     flag reaches the peers before they launch anything, so there is nothing to take part in."""
-    num_ranks = dist.get_world_size(group)
-    header = torch.zeros((num_ranks, 1 + 3 * num_exchanges), dtype=torch.int64)
+    header = _header(dist.get_world_size(group), num_exchanges)
     header[:, 0] = 1
     if strict:
         _gathered_headers(header.to(device), group)
@@ -198,7 +223,7 @@ def fail_guarded(
     peers = recv.cpu().tolist()
     works = []
     for j in range(num_exchanges):
-        launched, to_me, from_me = 1 + 3 * j, 2 + 3 * j, 3 + 3 * j
+        launched, to_me, from_me = (c + _COLUMNS * j for c in (1, 2, 3))
         good = [not row[0] and row[launched] for row in peers]
         if not any(good):  # no peer launched this exchange
             continue

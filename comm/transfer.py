@@ -37,7 +37,7 @@ import torch.distributed as dist
 from comm import kernels, memory
 from comm.events import EventOverlap
 from comm.guarded import CallSignature, Exchange, Guard, launch_guarded
-from comm.primitives import exchange_counts
+from comm.primitives import CollectiveInputError, exchange_counts
 
 __all__ = ["Packed", "move", "pack", "send_back", "start_count_exchange"]
 
@@ -159,9 +159,13 @@ def move(parts: list[torch.Tensor], in_rank: torch.Tensor, send_splits: tuple[in
         side_ex = Exchange(recv_side, packed.send_side, recv_splits, send_splits)
     main = parts[0]
     recv_main = memory.output((n, main.shape[1]), main.dtype, device)
-    main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits)
+    main_ex = Exchange(kernels.as_bytes(recv_main), packed.send_main, recv_splits, send_splits, dtype=main.dtype)
     exchanges = [side_ex, main_ex]  # MOVE_EXCHANGES of them
-    works, (side_work, main_work), check = _launch(exchanges, group, "dispatch", guarded, count_device or device)
+    try:
+        works, (side_work, main_work), check = _launch(exchanges, group, "dispatch", guarded, count_device or device)
+    except CollectiveInputError:  # the strict check refused the call: nothing was launched
+        packed.release()
+        raise
     works.append(main_work)
 
     def unpack_side() -> None:
@@ -219,7 +223,12 @@ def send_back(tensors: Sequence[torch.Tensor | None], send_pos: torch.Tensor, se
         releases.append(release)
         results.append(out)
     device = next(t.device for t in tensors if t is not None)
-    works, exchange_works, check = _launch(exchanges, group, "combine", guarded, count_device or device)
+    try:
+        works, exchange_works, check = _launch(exchanges, group, "combine", guarded, count_device or device)
+    except CollectiveInputError:  # the strict check refused the call: nothing was launched
+        for release in releases:
+            release()
+        raise
     event = _complete([*works, *exchange_works], check, reduces, releases, async_finish)
     return (*results, event)
 

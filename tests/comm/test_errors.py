@@ -180,8 +180,10 @@ def test_ranks_that_disagree_on_dispatch_arguments_all_raise(world: int) -> None
 def strict_disagreements(rank: int, world: int) -> dict:
     """check_consistency: ranks that pass valid but mutually inconsistent combine / dispatch-with-
     handle arguments all raise before any payload moves (without it gloo aborts the process)."""
+    import ops
+
     buf = all_to_all.Buffer(check_consistency=True)
-    E, T, H = 2 * world, 20 + rank, 16
+    E, T, H = 2 * world, 600 + rank, 512  # buffers large enough to come from the pool
     x = torch.randn(T, H, dtype=torch.bfloat16)
     idx = torch.randint(-1, E, (T, 3))
     idx[:, 0], idx[:, 1] = 0, E - 1  # every token reaches rank 0 and the last rank: rows flow both ways
@@ -195,8 +197,14 @@ def strict_disagreements(rank: int, world: int) -> dict:
         "combine_weights_on_rank_0": _outcome(lambda: buf.combine(recv_x, handle, topk_weights=recv_w if rank == 0
                                                                   else None)),
         "dispatch_handle_dtype": _outcome(lambda: buf.dispatch(x.float() if last else x, handle=handle)),
+        "combine_same_size_dtypes": _outcome(lambda: buf.combine(recv_x.half() if last else recv_x, handle)),
+        "dispatch_handle_fp8_form": _outcome(lambda: buf.dispatch(ops.per_token_cast_to_fp8(x) if last else x,
+                                                                  handle=handle)),
         "bad_input": _outcome(lambda: buf.combine(torch.randn(recv_x.shape[0] + 1, H) if last else recv_x, handle)),
     }
+    from comm import memory
+
+    out["pool_released"] = not any(slot.busy for slot in memory._pool)  # refused calls hand their buffers back
     # The group still works, and the strict mode's results are the default mode's, bit for bit.
     strict = buf.combine(recv_x, handle, topk_weights=recv_w)[:2] + buf.dispatch(x, handle=handle)[:1]
     buf.check_consistency = False
@@ -210,11 +218,18 @@ def test_strict_mode_ranks_that_disagree_on_combine_all_raise(world: int) -> Non
     results = run_distributed(strict_disagreements, world, timeout=180)
     collective = CollectiveInputError.__name__
     for rank, out in enumerate(results):
-        for case in ("combine_hidden", "combine_hidden_async", "dispatch_handle_dtype"):
+        for case in ("combine_hidden", "combine_hidden_async"):
             kind, msg = out[case]
             assert kind == collective and "bytes, but rank" in msg and "hidden sizes or dtypes" in msg, (rank, case, msg)
+        for case, names in (("dispatch_handle_dtype", ("torch.bfloat16", "torch.float32")),
+                            ("combine_same_size_dtypes", ("torch.bfloat16", "torch.float16"))):
+            kind, msg = out[case]
+            assert kind == collective and "different dtypes" in msg and all(n in msg for n in names), (rank, case, msg)
         kind, msg = out["combine_weights_on_rank_0"]
         assert kind == collective and "rank 0 launches exchange 1" in msg, (rank, msg)
+        kind, msg = out["dispatch_handle_fp8_form"]
+        assert kind == collective and f"rank {world - 1} launches exchange 0" in msg, (rank, msg)
+        assert out["pool_released"] is True, (rank, out)
         kind, msg = out["bad_input"]
         if rank == world - 1:
             assert kind == "ValueError" and "rows" in msg, (rank, msg)
@@ -234,3 +249,36 @@ def test_comm_check_environment_variable(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("DSV3_COMM_CHECK", "yes")
     with pytest.raises(ValueError, match="DSV3_COMM_CHECK must be 0 or 1"):
         _env_check()
+
+
+def _table(launched: list[int], sends: list[list[int]], expects: list[list[int]], dtypes: list[int],
+           flags: list[int] | None = None) -> torch.Tensor:
+    """A gathered strict-mode header table [sender, peer, columns] with one exchange."""
+    r = len(launched)
+    t = torch.zeros(r, r, 5, dtype=torch.int64)
+    for i in range(r):
+        t[i, :, 0] = 0 if flags is None else flags[i]
+        t[i, :, 1] = launched[i]
+        t[i, :, 2] = torch.tensor(sends[i])
+        t[i, :, 3] = torch.tensor(expects[i])
+        t[i, :, 4] = dtypes[i]
+    return t
+
+
+def test_check_headers_verdicts() -> None:
+    """The strict check on hand-made tables: consistent ones pass (zero-byte splits and an exchange
+    no rank launches included), each kind of disagreement raises naming the ranks."""
+    from comm.guarded import check_headers
+
+    sends = [[0, 12, 0], [4, 0, 8], [0, 0, 0]]  # sends[r][p]: bytes r sends p
+    expects = [[0, 4, 0], [12, 0, 0], [0, 8, 0]]  # expects[p][r] == sends[r][p]
+    check_headers(_table([1, 1, 1], sends, expects, [2, 2, 2]), "combine")
+    check_headers(_table([0, 0, 0], [[0] * 3] * 3, [[0] * 3] * 3, [0, 0, 0]), "combine")
+    with pytest.raises(CollectiveInputError, match=r"rank 1 sends rank 2 8 bytes, but rank 2 expects 16"):
+        check_headers(_table([1, 1, 1], sends, [[0, 4, 0], [12, 0, 0], [0, 16, 0]], [2, 2, 2]), "combine")
+    with pytest.raises(CollectiveInputError, match=r"rank 0 sends torch.bfloat16 and rank 2 sends torch.float16"):
+        check_headers(_table([1, 1, 1], sends, expects, [2, 2, 3]), "combine")
+    with pytest.raises(CollectiveInputError, match=r"rank 2 launches exchange 0 and rank 0 does not"):
+        check_headers(_table([0, 0, 1], sends, expects, [2, 2, 2]), "dispatch")
+    with pytest.raises(CollectiveInputError, match=r"rank\(s\) \[1\]"):
+        check_headers(_table([1, 1, 1], sends, expects, [2, 2, 2], flags=[0, 1, 0]), "combine")
