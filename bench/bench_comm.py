@@ -59,19 +59,21 @@ def _inputs(rank: int):
     return _cache["x"], _cache["idx"], _cache["w"]
 
 
-def _buffer():
+def _buffer(strict: bool = False):
+    """The rank's Buffer; ``strict``: one with check_consistency (its own, cached too)."""
     from comm import all_to_all
 
-    if "buf" not in _cache:
-        _cache["buf"] = all_to_all.Buffer()
-    return _cache["buf"]
+    key = "strict_buf" if strict else "buf"
+    if key not in _cache:
+        _cache[key] = all_to_all.Buffer(check_consistency=strict)
+    return _cache[key]
 
 
-def _ours(fp8: bool = False):
+def _ours(fp8: bool = False, strict: bool = False):
     import ops
 
     x, idx, w = _inputs(dist.get_rank())
-    buf = _buffer()
+    buf = _buffer(strict)
     payload = ops.per_token_cast_to_fp8(x) if fp8 else x
     recv_x, _, _, _, handle, _ = buf.dispatch(payload, topk_idx=idx, topk_weights=w, num_experts=EXPERTS)
     if fp8:
@@ -168,7 +170,7 @@ def _deepspeed():
 
 
 IMPLS = {"ours": _ours, "ceiling": _ceiling, "naive": _naive, "deepspeed": _deepspeed,
-         "ours_fp8_dispatch": lambda: _ours(fp8=True)}
+         "ours_fp8_dispatch": lambda: _ours(fp8=True), "ours_strict": lambda: _ours(strict=True)}
 
 
 def _bf16_dispatch_only():
@@ -300,6 +302,25 @@ def test_dispatch_combine(benchmark, impl: str) -> None:
     # received bytes per rank, both directions (dispatch receives rows, combine receives them back)
     benchmark.extra_info.update(role=ROLE[impl], work=2 * rows * HIDDEN * 2, unit="B")
     _replay(benchmark, times)
+
+
+STRICT_PAIR, STRICT_ROUNDS = ("ours", "ours_strict"), 9
+_strict_pair: dict = {}
+
+
+@pytest.mark.parametrize("mode", ["default", pytest.param("strict", marks=pytest.mark.quick)])
+def test_strict_mode_cost(benchmark, mode: str) -> None:
+    """What check_consistency costs: the same dispatch+combine with the strict check (the
+    combine's blocking round trip) against the default mode, rounds interleaved in one call.
+    Ratio below 1: the strict mode is that much slower."""
+    if not _strict_pair:
+        _strict_pair.update(zip(("times", "rows"), run_distributed(timed_rounds, WORLD, STRICT_PAIR, STRICT_ROUNDS,
+                                                                   timeout=420)[0], strict=True))
+    impl = "ours_strict" if mode == "strict" else "ours"
+    benchmark.group = f"dispatch+combine with check_consistency vs default {TOKENS}x{HIDDEN} {WORLD} gloo ranks"
+    rows = _strict_pair["rows"][impl]
+    benchmark.extra_info.update(role="ours" if mode == "strict" else "peer", work=2 * rows * HIDDEN * 2, unit="B")
+    _replay(benchmark, _strict_pair["times"][impl])
 
 
 @pytest.mark.parametrize("dtype", [pytest.param("fp8", marks=pytest.mark.quick), "bf16"])
