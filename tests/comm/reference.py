@@ -147,3 +147,11 @@ def make_z(case: Case, dst: int, rows: torch.Tensor, dtype: torch.dtype = torch.
 def dequantize(q: torch.Tensor, sf: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The model's dequantize step (payload times its 1x128 tile's scale)."""
     return (q.float() * sf.repeat_interleave(128, dim=1)[:, : q.shape[1]]).to(dtype)
+
+
+def equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same bytes, on any devices (flattened first: torch may give an empty
+    [0, 1] tensor stride 0, which a dtype view refuses)."""
+    if a.shape != b.shape:
+        return False
+    return torch.equal(*(t.cpu().flatten().contiguous().view(torch.uint8) for t in (a, b)))

@@ -19,6 +19,7 @@ from comm import all_to_all
 from tests.comm.reference import (
     Case,
     dequantize,
+    equal_bytes,
     make_topk,
     make_x,
     make_z,
@@ -26,10 +27,6 @@ from tests.comm.reference import (
     reference_dispatch,
 )
 from tests.harness.distributed import run_distributed
-
-
-def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 def check_case(rank: int, world: int, case: Case, async_finish: bool) -> dict:
@@ -53,9 +50,9 @@ def check_case(rank: int, world: int, case: Case, async_finish: bool) -> dict:
         topk_idx=idx, topk_weights=w, expert_alignment=case.alignment, async_finish=async_finish)
     event.current_stream_wait()
     ref = reference_dispatch(case, rank, lambda s, rows: [make_x(case, s, rows=rows)])
-    assert _equal_bytes(recv_x, ref.rows[0]), f"recv_x differs (case {case})"
+    assert equal_bytes(recv_x, ref.rows[0]), f"recv_x differs (case {case})"
     assert torch.equal(recv_idx, ref.topk_idx), "recv_topk_idx"
-    assert _equal_bytes(recv_w, ref.topk_weights), "recv_topk_weights"
+    assert equal_bytes(recv_w, ref.topk_weights), "recv_topk_weights"
     assert counts == ref.per_expert, f"num_recv_tokens_per_expert_list {counts} vs {ref.per_expert}"
     assert isinstance(counts, list) and all(type(c) is int for c in counts)
 
@@ -81,7 +78,7 @@ def check_case(rank: int, world: int, case: Case, async_finish: bool) -> dict:
     # Per-token quantization is row-local: quantizing the reference's received rows gives the
     # bytes that must arrive.
     ref_q, ref_sf = ops.per_token_cast_to_fp8(ref.rows[0])
-    assert _equal_bytes(rq, ref_q) and _equal_bytes(rsf, ref_sf), "FP8 payload/scales"
+    assert equal_bytes(rq, ref_q) and equal_bytes(rsf, ref_sf), "FP8 payload/scales"
     assert torch.equal(ridx, ref.topk_idx) and counts8 == ref.per_expert
     back, _, event = buf.combine(dequantize(rq, rsf), h8, async_finish=async_finish)
     event.current_stream_wait()
@@ -94,7 +91,7 @@ def check_case(rank: int, world: int, case: Case, async_finish: bool) -> dict:
     rx2, none1, none2, none3, none4, event = buf.dispatch(x.float() * 3, handle=handle, async_finish=async_finish)
     event.current_stream_wait()
     assert (none1, none2, none3, none4) == (None, None, None, None)
-    assert _equal_bytes(rx2, ref.rows[0].float() * 3), "dispatch with a handle"
+    assert equal_bytes(rx2, ref.rows[0].float() * 3), "dispatch with a handle"
     return {"n": n, "diff": diff, "diff8": diff8}
 
 
@@ -111,8 +108,8 @@ def check_float64_case(rank: int, world: int, case: Case, async_finish: bool) ->
     event.current_stream_wait()
     # whole sources, then rows: make_x's pow() may round differently for a subset of rows in float64
     ref = reference_dispatch(case, rank, lambda s, rows: [make_x(case, s, torch.float64)[rows]])
-    assert recv_x.dtype == torch.float64 and _equal_bytes(recv_x, ref.rows[0]), "float64 recv_x differs"
-    assert torch.equal(recv_idx, ref.topk_idx) and _equal_bytes(recv_w, ref.topk_weights)
+    assert recv_x.dtype == torch.float64 and equal_bytes(recv_x, ref.rows[0]), "float64 recv_x differs"
+    assert torch.equal(recv_idx, ref.topk_idx) and equal_bytes(recv_w, ref.topk_weights)
     assert counts == ref.per_expert
     z = make_z(case, rank, torch.arange(recv_x.shape[0]), torch.float64)
     combined, combined_w, event = buf.combine(z, handle, topk_weights=recv_w, async_finish=async_finish)
@@ -123,7 +120,7 @@ def check_float64_case(rank: int, world: int, case: Case, async_finish: bool) ->
     assert torch.equal(combined_w, torch.where(idx >= 0, w, 0.0))
     rx2, *_, event = buf.dispatch(x * 3, handle=handle, async_finish=async_finish)
     event.current_stream_wait()
-    assert _equal_bytes(rx2, ref.rows[0] * 3), "float64 dispatch with a handle"
+    assert equal_bytes(rx2, ref.rows[0] * 3), "float64 dispatch with a handle"
 
 
 def run_float64_cases(rank: int, world: int, cases: list[Case], async_flags: list[bool]) -> None:

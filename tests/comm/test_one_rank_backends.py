@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.harness.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _equal_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape and bytes (flattened first: torch may give an empty [0, 1] tensor stride 0)."""
-    if a.shape != b.shape:
-        return False
-    return torch.equal(*(t.cpu().flatten().contiguous().view(torch.uint8) for t in (a, b)))
 
 
 def check_case(buf, case, device: str, async_finish: bool) -> None:
     """BF16 dispatch (rows, local top-k, counts exact), combine (FP32 sums), FP8 dispatch (bytes
     exact), dispatch with the handle, all on `device` tensors of the one-rank group."""
     import ops
-    from tests.comm.reference import make_topk, make_x, make_z, reference_combine, reference_dispatch
+    from tests.comm.reference import equal_bytes, make_topk, make_x, make_z, reference_combine, reference_dispatch
 
     idx, w = (t.to(device) for t in make_topk(case, 0))
     x = make_x(case, 0).to(device)
@@ -43,8 +37,8 @@ def check_case(buf, case, device: str, async_finish: bool) -> None:
         x, topk_idx=idx, topk_weights=w, num_experts=case.num_experts, expert_alignment=case.alignment,
         async_finish=async_finish)
     event.current_stream_wait()
-    assert recv_x.device.type == device and _equal_bytes(recv_x, ref.rows[0]), f"recv_x ({case})"
-    assert torch.equal(recv_idx.cpu(), ref.topk_idx) and _equal_bytes(recv_w, ref.topk_weights)
+    assert recv_x.device.type == device and equal_bytes(recv_x, ref.rows[0]), f"recv_x ({case})"
+    assert torch.equal(recv_idx.cpu(), ref.topk_idx) and equal_bytes(recv_w, ref.topk_weights)
     assert counts == ref.per_expert, f"counts {counts} vs {ref.per_expert}"
 
     z = make_z(case, 0, torch.arange(recv_x.shape[0])).to(device)
@@ -59,11 +53,11 @@ def check_case(buf, case, device: str, async_finish: bool) -> None:
                                         async_finish=async_finish)
     event.current_stream_wait()
     ref_q, ref_sf = ops.per_token_cast_to_fp8(ref.rows[0])
-    assert _equal_bytes(rq, ref_q) and _equal_bytes(rsf, ref_sf), f"FP8 payload ({case})"
+    assert equal_bytes(rq, ref_q) and equal_bytes(rsf, ref_sf), f"FP8 payload ({case})"
 
     rx2, *_, event = buf.dispatch(x.float() * 3, handle=handle, async_finish=async_finish)
     event.current_stream_wait()
-    assert _equal_bytes(rx2, ref.rows[0].float() * 3), f"dispatch with a handle ({case})"
+    assert equal_bytes(rx2, ref.rows[0].float() * 3), f"dispatch with a handle ({case})"
 
 
 def check_cases(device: str, seed: int) -> int:
@@ -96,15 +90,9 @@ def child(backend: str, port: int, seed: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_child(backend: str) -> None:
     seed = random.randrange(1 << 30)
-    code = f"from tests.comm.test_one_rank_backends import child; child({backend!r}, {_free_port()}, {seed})"
+    code = f"from tests.comm.test_one_rank_backends import child; child({backend!r}, {free_port()}, {seed})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
